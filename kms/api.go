@@ -1,0 +1,79 @@
+package kms
+
+import (
+	"errors"
+	"time"
+
+	"github.com/coffre-kms/coffre/hsm"
+	"github.com/coffre-kms/coffre/kms/store"
+)
+
+// Sentinel errors. Callers match them with errors.Is; the server layer maps
+// each to one gRPC status code.
+var (
+	// ErrInvalidArgument: the request is malformed (a name, a context, an
+	// envelope that does not parse). The wrapping error says what and why.
+	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrNotFound: no such keyring.
+	ErrNotFound = errors.New("not found")
+	// ErrExists: a keyring by that name exists already.
+	ErrExists = errors.New("already exists")
+	// ErrFailedPrecondition: the keyring's state does not allow the
+	// operation (for example, no version may encrypt).
+	ErrFailedPrecondition = errors.New("failed precondition")
+	// ErrUnavailable: the HSM or the store cannot be reached; retry later.
+	ErrUnavailable = errors.New("unavailable")
+	// ErrDecrypt is the one error of every decryption failure, whatever the
+	// cause: wrong tenant, keyring or context, tampering, truncation, an
+	// unknown or destroyed version. It carries no detail on purpose.
+	ErrDecrypt = errors.New("decryption failed")
+)
+
+// KeyState is the NIST SP 800-57 state of a KEK version.
+type KeyState int
+
+const (
+	StateUnspecified KeyState = iota
+	// StateActive versions encrypt (the primary) and decrypt.
+	StateActive
+	// StateDeactivated versions decrypt only.
+	StateDeactivated
+)
+
+// KeyVersion describes one KEK version of a keyring; it never holds key
+// material.
+type KeyVersion struct {
+	Version    uint32
+	State      KeyState
+	CreateTime time.Time
+	RootID     string // the HSM root that wrapped it
+}
+
+// Keyring is the public description of a keyring.
+type Keyring struct {
+	ID         KeyringID
+	CreateTime time.Time
+	Primary    uint32 // the version that encrypts
+	Versions   []KeyVersion
+}
+
+// DataKey is a freshly generated data key: its plaintext, which the caller
+// must seal or zeroize, and its envelope, which may be stored anywhere.
+type DataKey struct {
+	Plaintext  *Secret
+	Envelope   []byte
+	KeyringID  KeyringID
+	KeyVersion uint32
+}
+
+// Config configures a [Service].
+type Config struct {
+	Store store.Store
+	Root  hsm.Root
+	// CacheSize bounds the number of unwrapped KEK versions held in memory
+	// (default 1024); CacheTTL bounds how long one stays (default 10m).
+	CacheSize int
+	CacheTTL  time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
