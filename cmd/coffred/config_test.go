@@ -1,0 +1,333 @@
+package main
+
+import (
+	"crypto/x509"
+	"encoding/json"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// testFiles makes, in a temp dir, everything a valid configuration names:
+// a CA, a server and an admin certificate, a PIN file and the store's
+// directory.
+type testFiles struct {
+	dir                             string
+	ca, serverCert, serverKey       string
+	adminCert, adminKey, pin, store string
+}
+
+func newTestFiles(t *testing.T) *testFiles {
+	t.Helper()
+	dir := t.TempDir()
+	f := &testFiles{
+		dir:        dir,
+		ca:         filepath.Join(dir, "ca.pem"),
+		serverCert: filepath.Join(dir, "server.pem"),
+		serverKey:  filepath.Join(dir, "server-key.pem"),
+		adminCert:  filepath.Join(dir, "admin.pem"),
+		adminKey:   filepath.Join(dir, "admin-key.pem"),
+		pin:        filepath.Join(dir, "pin"),
+		store:      filepath.Join(dir, "coffre.db"),
+	}
+	now := time.Now()
+	ca, _, err := ensureCA(f.ca, filepath.Join(dir, "ca-key.pem"), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.ensureLeaf(leafSpec{certFile: f.serverCert, keyFile: f.serverKey, commonName: "s",
+		usage: x509.ExtKeyUsageServerAuth, ips: []net.IP{net.IPv4(127, 0, 0, 1).To4()}}, now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.ensureLeaf(leafSpec{certFile: f.adminCert, keyFile: f.adminKey, commonName: "a",
+		usage: x509.ExtKeyUsageClientAuth}, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(f.pin, []byte("1234\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func (f *testFiles) rootKey() string {
+	return "pkcs11:token=t;object=root?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:" + f.pin
+}
+
+// valid returns a minimal valid configuration as a JSON-ready map.
+func (f *testFiles) valid() map[string]any {
+	return map[string]any{
+		"listen": "127.0.0.1:0",
+		"tls": map[string]any{
+			"cert_file":            f.serverCert,
+			"key_file":             f.serverKey,
+			"admin_client_ca_file": f.ca,
+		},
+		"hsm":   map[string]any{"root_key": f.rootKey()},
+		"store": map[string]any{"engine": "bbolt", "path": f.store},
+	}
+}
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// set sets a dotted path in a config map.
+func set(m map[string]any, path string, v any) {
+	parts := strings.Split(path, ".")
+	for _, p := range parts[:len(parts)-1] {
+		next, ok := m[p].(map[string]any)
+		if !ok {
+			next = map[string]any{}
+			m[p] = next
+		}
+		m = next
+	}
+	m[parts[len(parts)-1]] = v
+}
+
+func TestConfigValidDefaults(t *testing.T) {
+	f := newTestFiles(t)
+	cfg, err := parseConfig(mustJSON(t, f.valid()), f.dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Listen != "127.0.0.1:0" || cfg.Store.Path != f.store || cfg.HSM.Sessions != 4 {
+		t.Fatalf("cfg = %+v", cfg)
+	}
+	if cfg.Limits.MaxMessageBytes != 1<<20 || cfg.Limits.MaxCallTimeout != 30*time.Second ||
+		cfg.Limits.ShutdownGrace != 10*time.Second || cfg.Limits.MaxConcurrentStreams != 100 ||
+		cfg.Limits.HandshakeTimeout != 10*time.Second {
+		t.Fatalf("limits = %+v", cfg.Limits)
+	}
+	if cfg.KEKCache.Size != 1024 || cfg.KEKCache.TTL != 10*time.Minute {
+		t.Fatalf("kek_cache = %+v", cfg.KEKCache)
+	}
+	if cfg.Keepalive.MinPingInterval != 30*time.Second || cfg.Keepalive.MaxConnectionAge != 0 {
+		t.Fatalf("keepalive = %+v", cfg.Keepalive)
+	}
+	if cfg.TLS.AdminCAs == nil || len(cfg.TLS.Certificate.Certificate) == 0 {
+		t.Fatal("TLS material not loaded")
+	}
+}
+
+func TestConfigExplicitValues(t *testing.T) {
+	f := newTestFiles(t)
+	m := f.valid()
+	set(m, "limits.max_message_bytes", 4096)
+	set(m, "limits.shutdown_grace", "0s")
+	set(m, "limits.max_call_timeout", "1m30s")
+	set(m, "keepalive.max_connection_age", "2h")
+	set(m, "log.level", "debug")
+	cfg, err := parseConfig(mustJSON(t, m), f.dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An explicit zero is kept, not replaced by the default.
+	if cfg.Limits.ShutdownGrace != 0 || cfg.Limits.MaxMessageBytes != 4096 ||
+		cfg.Limits.MaxCallTimeout != 90*time.Second || cfg.Keepalive.MaxConnectionAge != 2*time.Hour {
+		t.Fatalf("limits = %+v, keepalive = %+v", cfg.Limits, cfg.Keepalive)
+	}
+}
+
+func TestConfigRelativePaths(t *testing.T) {
+	f := newTestFiles(t)
+	m := f.valid()
+	set(m, "tls.cert_file", "server.pem")
+	set(m, "tls.key_file", "./server-key.pem")
+	set(m, "tls.admin_client_ca_file", "ca.pem")
+	set(m, "store.path", "coffre.db")
+	path := filepath.Join(f.dir, "coffred.json")
+	if err := os.WriteFile(path, mustJSON(t, m), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// From another working directory, the paths still mean the files
+	// beside the configuration.
+	t.Chdir(t.TempDir())
+	cfg, err := loadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.TLS.CertFile != f.serverCert || cfg.Store.Path != f.store {
+		t.Fatalf("paths not resolved against the config's directory: %+v %+v", cfg.TLS, cfg.Store)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	f := newTestFiles(t)
+	worldReadable := filepath.Join(f.dir, "world-key.pem")
+	key, err := os.ReadFile(f.serverKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(worldReadable, key, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(worldReadable, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	valid := string(mustJSON(t, f.valid()))
+	with := func(path string, v any) string {
+		m := f.valid()
+		set(m, path, v)
+		return string(mustJSON(t, m))
+	}
+	without := func(section, field string) string {
+		m := f.valid()
+		delete(m[section].(map[string]any), field)
+		return string(mustJSON(t, m))
+	}
+
+	for _, tc := range []struct {
+		name string
+		data string
+		want []string // each must appear in the error
+	}{
+		{"empty file", "", []string{"empty"}},
+		{"not an object", "[]", []string{"one JSON object"}},
+		{"syntax", "{\n  \"listen\": \"x\",,\n}", []string{"line 2"}},
+		{"truncated", valid[:len(valid)/2], []string{"ends in the middle"}},
+		{"trailing object", valid + "{}", []string{"unexpected data after the configuration object"}},
+		{"trailing garbage", valid + "x", []string{"unexpected data after the configuration object"}},
+		{"all required missing", "{}", []string{
+			"config: listen: is required", "config: tls.cert_file: is required", "config: tls.key_file: is required",
+			"config: tls.admin_client_ca_file: is required", "config: hsm.root_key: is required", "config: store.engine: is required",
+		}},
+		{"unknown top-level field", `{"lisen": "x"}`, []string{"config: lisen: unknown field"}},
+		{"unknown nested field", with("tls.certfile", "x"), []string{"config: tls.certfile: unknown field"}},
+		{"field in wrong case", `{"Listen": "127.0.0.1:1"}`, []string{"config: Listen: unknown field"}},
+		{"duplicate field", `{"listen": "127.0.0.1:1", "listen": "127.0.0.1:2"}`, []string{"config: listen: given twice"}},
+		{"null", `{"listen": null}`, []string{"config: listen: null is not allowed"}},
+		{"string for integer", with("hsm.sessions", "4"), []string{"config: hsm.sessions: must be an integer"}},
+		{"fraction for integer", with("hsm.sessions", 1.5), []string{"config: hsm.sessions: must be an integer"}},
+		{"number for string", with("listen", 8443), []string{"config: listen: must be a string"}},
+		{"string for section", with("tls", "server.pem"), []string{"config: tls: must be an object"}},
+		{"number for duration", with("limits.max_call_timeout", 30), []string{`config: limits.max_call_timeout: must be a duration string such as "30s"`}},
+		{"listen without port", with("listen", "localhost"), []string{"config: listen:", "host:port"}},
+		{"listen bad port", with("listen", "127.0.0.1:99999"), []string{"config: listen:", "port"}},
+		{"empty string", with("listen", ""), []string{"config: listen: must not be empty"}},
+		{"cert file missing", with("tls.cert_file", "/nonexistent/server.pem"), []string{`config: tls.cert_file: file "/nonexistent/server.pem" not readable`}},
+		{"cert file is a directory", with("tls.cert_file", f.dir), []string{"config: tls.cert_file:", "not a regular file"}},
+		{"cert file is a device", with("tls.cert_file", "/dev/zero"), []string{"config: tls.cert_file:", "not a regular file"}},
+		{"cert file holds a key", with("tls.cert_file", f.serverKey), []string{"config: tls.cert_file:", "not a CERTIFICATE"}},
+		{"key does not match", with("tls.key_file", f.adminKey), []string{"config: tls.key_file:", "not the private key of tls.cert_file"}},
+		{"key world-readable", with("tls.key_file", worldReadable), []string{"config: tls.key_file:", "readable by every user"}},
+		{"server cert not for servers", with("tls.cert_file", f.adminCert), []string{"config: tls.cert_file:", "not for server authentication"}},
+		{"admin CA not a CA", with("tls.admin_client_ca_file", f.adminCert), []string{"config: tls.admin_client_ca_file:", "not a CA certificate"}},
+		{"root key not a URI", with("hsm.root_key", "file:/etc/key"), []string{"config: hsm.root_key:", "not a pkcs11 URI"}},
+		{"root key with PIN value", with("hsm.root_key", "pkcs11:token=t;object=root?module-path=/m.so&pin-value=1234"), []string{"config: hsm.root_key:", "pin-value"}},
+		{"root key without object", with("hsm.root_key", "pkcs11:token=t?module-path=/m.so&pin-source=file:"+f.pin), []string{"config: hsm.root_key:", "must name its key"}},
+		{"root key without module", with("hsm.root_key", "pkcs11:token=t;object=root?pin-source=file:"+f.pin), []string{"config: hsm.root_key:", "module-path"}},
+		{"root key without PIN source", with("hsm.root_key", "pkcs11:token=t;object=root?module-path=/m.so"), []string{"config: hsm.root_key:", "pin-source"}},
+		{"root key PIN file missing", with("hsm.root_key", "pkcs11:token=t;object=root?module-path=/m.so&pin-source=file:/nonexistent/pin"), []string{"config: hsm.root_key: pin-source file \"/nonexistent/pin\""}},
+		{"sessions zero", with("hsm.sessions", 0), []string{"config: hsm.sessions: must be between 1 and 64"}},
+		{"store engine missing", without("store", "engine"), []string{"config: store.engine: is required"}},
+		{"store engine etcd", with("store.engine", "etcd"), []string{"config: store.engine:", "not available yet"}},
+		{"store engine unknown", with("store.engine", "mysql"), []string{"config: store.engine: unknown engine \"mysql\""}},
+		{"store path missing", without("store", "path"), []string{"config: store.path: is required"}},
+		{"store directory missing", with("store.path", "/nonexistent/coffre.db"), []string{"config: store.path: directory \"/nonexistent\" does not exist"}},
+		{"store path a directory", with("store.path", f.dir), []string{"config: store.path:", "not a regular file"}},
+		{"cache size negative", with("kek_cache.size", -1), []string{"config: kek_cache.size: must be between 1 and 1000000"}},
+		{"cache ttl not a duration", with("kek_cache.ttl", "10"), []string{"config: kek_cache.ttl: \"10\" is not a duration"}},
+		{"message size too small", with("limits.max_message_bytes", 100), []string{"config: limits.max_message_bytes: must be between 4096 and 67108864"}},
+		{"message size too big", with("limits.max_message_bytes", 1<<30), []string{"config: limits.max_message_bytes: must be between 4096 and 67108864"}},
+		{"call timeout zero", with("limits.max_call_timeout", "0s"), []string{"config: limits.max_call_timeout: must be between 1s and 1h0m0s"}},
+		{"streams zero", with("limits.max_concurrent_streams", 0), []string{"config: limits.max_concurrent_streams: must be between 1 and 10000"}},
+		{"grace negative", with("limits.shutdown_grace", "-1s"), []string{"config: limits.shutdown_grace: must be between"}},
+		{"handshake too short", with("limits.handshake_timeout", "1ms"), []string{"config: limits.handshake_timeout: must be between"}},
+		{"ping interval garbage", with("keepalive.min_ping_interval", "often"), []string{"config: keepalive.min_ping_interval: \"often\" is not a duration"}},
+		{"connection age tiny", with("keepalive.max_connection_age", "10ms"), []string{"config: keepalive.max_connection_age: must be 0s (never) or at least 1s"}},
+		{"log level unknown", with("log.level", "verbose"), []string{"config: log.level: \"verbose\" is not a level"}},
+		{"several at once", `{"listen": "nope", "store": {"engine": "etcd"}}`, []string{"config: listen:", "config: store.engine:", "config: hsm.root_key: is required"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := parseConfig([]byte(tc.data), f.dir, time.Now())
+			if err == nil {
+				t.Fatalf("accepted: %+v", cfg)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not contain %q:\n%v", w, err)
+				}
+			}
+			if !strings.HasPrefix(err.Error(), "config: ") {
+				t.Errorf("error does not start with \"config: \": %v", err)
+			}
+		})
+	}
+}
+
+func TestConfigExpiredCertificate(t *testing.T) {
+	f := newTestFiles(t)
+	_, err := parseConfig(mustJSON(t, f.valid()), f.dir, time.Now().Add(2*devLeafValidity))
+	if err == nil || !strings.Contains(err.Error(), "config: tls.cert_file:") || !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("got %v, want tls.cert_file expired", err)
+	}
+}
+
+// TestConfigExample checks that coffred.example.json uses every field of
+// the format, and nothing else: it is the format's reference.
+func TestConfigExample(t *testing.T) {
+	data, err := os.ReadFile("coffred.example.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := decodeRaw(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var walk func(v reflect.Value, path string)
+	walk = func(v reflect.Value, path string) {
+		if v.IsNil() {
+			t.Errorf("coffred.example.json lacks %s", path)
+			return
+		}
+		e := v.Elem()
+		if e.Kind() != reflect.Struct {
+			return
+		}
+		for i := range e.NumField() {
+			walk(e.Field(i), joinPath(path, e.Type().Field(i).Tag.Get("json")))
+		}
+	}
+	walk(reflect.ValueOf(raw), "")
+
+	// Its values are valid: the only errors are about files that do not
+	// exist on this machine.
+	_, err = raw.validate(t.TempDir(), time.Now())
+	for _, line := range strings.Split(err.Error(), "\n") {
+		if !strings.Contains(line, "not readable") && !strings.Contains(line, "pin-source file") && !strings.Contains(line, "does not exist") {
+			t.Errorf("unexpected error for the example: %s", line)
+		}
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	example, err := os.ReadFile("coffred.example.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(example)
+	f.Add([]byte(`{}`))
+	f.Add([]byte(`{"listen": "127.0.0.1:1", "tls": {"cert_file": "x"}, "limits": {"max_call_timeout": "1h"}}`))
+	f.Add([]byte(`{"hsm": {"root_key": "pkcs11:token=a;object=b?pin-value=1"}}`))
+	f.Add([]byte(`{"a": [[[[{}]]]], "listen": null}`))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := parseConfig(data, dir, time.Now())
+		if err == nil && cfg == nil {
+			t.Fatal("nil config without an error")
+		}
+		if err != nil && !strings.HasPrefix(err.Error(), "config: ") {
+			t.Fatalf("error without the config: prefix: %v", err)
+		}
+	})
+}

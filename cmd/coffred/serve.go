@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/coffre-kms/coffre/hsm"
+	"github.com/coffre-kms/coffre/hsm/pkcs11"
+	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/server"
+	"github.com/coffre-kms/coffre/kms/store"
+)
+
+// serve opens the store, the HSM root and the kms service that cfg names,
+// serves until ctx ends, then shuts down gracefully. listened is called once
+// the listener is bound, with its address (port 0 resolved), before any
+// call is served.
+func serve(ctx context.Context, cfg *Config, log *slog.Logger, listened func(addr string) error) (err error) {
+	// Resources are released in the reverse order of acquisition, the kms
+	// service first so that its KEK cache is zeroized before the root that
+	// unwrapped those KEKs goes away.
+	var closers []func() error
+	defer func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			if cerr := closers[i](); cerr != nil {
+				log.Error("close failed", "err", cerr)
+				err = errors.Join(err, cerr)
+			}
+		}
+		if err == nil {
+			log.Info("stopped: KEK cache zeroized, HSM and store closed")
+		}
+	}()
+
+	st, err := store.OpenBolt(cfg.Store.Path, store.BoltOptions{})
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	closers = append(closers, st.Close)
+
+	root, err := pkcs11.Open(ctx, pkcs11.Config{URI: cfg.HSM.RootKey, Sessions: cfg.HSM.Sessions})
+	if errors.Is(err, hsm.ErrKeyNotFound) {
+		return fmt.Errorf("hsm: no root key at %s: run the root-key ceremony first: %w", redactedKeyID(cfg.HSM.RootKey), err)
+	}
+	if err != nil {
+		return fmt.Errorf("hsm: %w", err)
+	}
+	closers = append(closers, root.Close)
+
+	svc, err := kms.New(kms.Config{Store: st, Root: root, CacheSize: cfg.KEKCache.Size, CacheTTL: cfg.KEKCache.TTL})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, svc.Close)
+
+	srv := server.New(svc, server.Options{
+		MaxCallTimeout: cfg.Limits.MaxCallTimeout,
+		Logger:         log,
+		AdminCAs:       cfg.TLS.AdminCAs,
+	})
+	g := grpc.NewServer(append(srv.ServerOptions(), grpcOptions(cfg)...)...)
+	srv.Register(g)
+
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	addr := lis.Addr().String()
+	if err := listened(addr); err != nil {
+		lis.Close()
+		return err
+	}
+	log.Info("serving", "addr", addr, "root", root.ID(), "store", cfg.Store.Path)
+
+	served := make(chan error, 1)
+	go func() { served <- g.Serve(lis) }()
+	select {
+	case err := <-served:
+		// Serve returns only when the listener fails.
+		g.Stop()
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	log.Info("shutting down", "grace", cfg.Limits.ShutdownGrace)
+	srv.Drain()
+	stopped := make(chan struct{})
+	go func() {
+		g.GracefulStop()
+		close(stopped)
+	}()
+	grace := time.NewTimer(cfg.Limits.ShutdownGrace)
+	defer grace.Stop()
+	select {
+	case <-stopped:
+	case <-grace.C:
+		log.Warn("shutdown grace over; closing the remaining connections")
+		g.Stop()
+		<-stopped
+	}
+	<-served
+	return nil
+}
+
+// grpcOptions turns the transport part of the configuration into
+// grpc.ServerOptions.
+func grpcOptions(cfg *Config) []grpc.ServerOption {
+	tlsCfg := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cfg.TLS.Certificate},
+		// A client certificate is optional at the TLS layer, so that health
+		// probes work without one; if one is given it must verify against
+		// the admin CAs, and AdminService requires it (kms/server).
+		ClientAuth: tls.VerifyClientCertIfGiven,
+		ClientCAs:  cfg.TLS.AdminCAs,
+	}
+	return []grpc.ServerOption{
+		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.MaxRecvMsgSize(cfg.Limits.MaxMessageBytes),
+		grpc.MaxSendMsgSize(cfg.Limits.MaxMessageBytes),
+		grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
+		grpc.ConnectionTimeout(cfg.Limits.HandshakeTimeout),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime: cfg.Keepalive.MinPingInterval,
+			// Connections with no call in flight get no pings: a client
+			// with nothing to do should let the connection go idle and close.
+			PermitWithoutStream: false,
+		}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle: cfg.Keepalive.MaxConnectionIdle,
+			MaxConnectionAge:  cfg.Keepalive.MaxConnectionAge,
+			Time:              cfg.Keepalive.PingInterval,
+			Timeout:           cfg.Keepalive.PingTimeout,
+		}),
+	}
+}
+
+// redactedKeyID names a root key in a message without its query, which
+// holds file paths the log reader does not need.
+func redactedKeyID(uri string) string {
+	u, err := hsm.ParseURI(uri)
+	if err != nil {
+		return "the configured root key"
+	}
+	return u.KeyID()
+}

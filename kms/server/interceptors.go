@@ -1,0 +1,222 @@
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"slices"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	healthgrpc "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
+)
+
+var (
+	// healthPrefix: health probes come from load balancers and
+	// orchestrators that often cannot set a deadline, and a Watch is meant
+	// to last; they hold no HSM or store resource, so they are exempt from
+	// the deadline rule and logged at debug level only.
+	healthPrefix = "/" + healthgrpc.Health_ServiceDesc.ServiceName + "/"
+	// adminPrefix: every method of AdminService, including methods added
+	// later, is behind the admin gate.
+	adminPrefix = "/" + coffrev1.AdminService_ServiceDesc.ServiceName + "/"
+)
+
+// callInfo collects, for the one log line per call, what inner interceptors
+// learn about the caller. observe puts it in the context; the admin gate
+// fills it.
+type callInfo struct {
+	admin string
+}
+
+type callInfoKey struct{}
+
+func callInfoFrom(ctx context.Context) *callInfo {
+	ci, _ := ctx.Value(callInfoKey{}).(*callInfo)
+	return ci
+}
+
+func methodFrom(ctx context.Context) string {
+	m, _ := grpc.Method(ctx)
+	return m
+}
+
+// observe runs call, turning a panic into codes.Internal, and logs one line
+// about it. It is the outermost interceptor so that a panic anywhere in the
+// chain is caught. The stack goes to the log only: it may show internals
+// that a caller has no business seeing.
+func (s *Server) observe(ctx context.Context, method string, call func(context.Context) error) (err error) {
+	ci := &callInfo{}
+	ctx = context.WithValue(ctx, callInfoKey{}, ci)
+	start := s.now()
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.ErrorContext(ctx, "panic in call", "method", method, "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			err = status.Error(codes.Internal, msgInternal)
+		}
+		level := slog.LevelInfo
+		if strings.HasPrefix(method, healthPrefix) {
+			level = slog.LevelDebug
+		}
+		attrs := []slog.Attr{
+			slog.String("method", method),
+			slog.String("code", status.Code(err).String()),
+			slog.Duration("duration", s.now().Sub(start)),
+		}
+		if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+			attrs = append(attrs, slog.String("peer", p.Addr.String()))
+		}
+		if ci.admin != "" {
+			attrs = append(attrs, slog.String("admin", ci.admin))
+		}
+		if err != nil {
+			attrs = append(attrs, slog.String("error", status.Convert(err).Message()))
+		}
+		s.log.LogAttrs(ctx, level, "call", attrs...)
+	}()
+	return call(ctx)
+}
+
+func (s *Server) observeUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	err = s.observe(ctx, info.FullMethod, func(ctx context.Context) error {
+		var herr error
+		resp, herr = handler(ctx, req)
+		return herr
+	})
+	if err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (s *Server) observeStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	return s.observe(ss.Context(), info.FullMethod, func(ctx context.Context) error {
+		return handler(srv, &ctxStream{ServerStream: ss, ctx: ctx})
+	})
+}
+
+// adminGate refuses an AdminService call unless the caller presented a
+// client certificate that (1) the TLS layer verified, (2) is issued for
+// client authentication, and (3) chains to the admin CAs. It returns the
+// admin's subject for the log.
+//
+// Check (3) repeats what the TLS layer did when it was configured with the
+// admin CA pool, on purpose: the TLS pool may one day hold other CAs (for
+// attested nodes), and an admin right must never follow from that.
+func (s *Server) adminGate(ctx context.Context) (string, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "", status.Error(codes.Unauthenticated, "AdminService requires mutual TLS with an admin client certificate")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return "", status.Error(codes.Unauthenticated, "AdminService requires mutual TLS with an admin client certificate; this connection is not TLS")
+	}
+	st := ti.State
+	if len(st.PeerCertificates) == 0 {
+		return "", status.Error(codes.Unauthenticated, "AdminService requires an admin client certificate; none was presented")
+	}
+	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
+		return "", status.Error(codes.Unauthenticated, "AdminService requires an admin client certificate; the one presented was not verified")
+	}
+	leaf := st.VerifiedChains[0][0]
+	subject := leaf.Subject.String()
+	if !slices.Contains(leaf.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
+		return subject, status.Errorf(codes.PermissionDenied, "client certificate %q is not an admin certificate: it lacks the clientAuth extended key usage", subject)
+	}
+	if s.adminCAs == nil {
+		return subject, status.Error(codes.PermissionDenied, "no admin CA is configured; AdminService is closed")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range st.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{
+		Roots:         s.adminCAs,
+		Intermediates: inter,
+		CurrentTime:   s.now(),
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}); err != nil {
+		return subject, status.Errorf(codes.PermissionDenied, "client certificate %q is not issued by the admin CA", subject)
+	}
+	return subject, nil
+}
+
+func (s *Server) gate(ctx context.Context, method string) error {
+	if !strings.HasPrefix(method, adminPrefix) {
+		return nil
+	}
+	subject, err := s.adminGate(ctx)
+	if ci := callInfoFrom(ctx); ci != nil && subject != "" {
+		ci.admin = subject
+	}
+	return err
+}
+
+func (s *Server) adminGateUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if err := s.gate(ctx, info.FullMethod); err != nil {
+		return nil, err
+	}
+	return handler(ctx, req)
+}
+
+func (s *Server) adminGateStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if err := s.gate(ss.Context(), info.FullMethod); err != nil {
+		return err
+	}
+	return handler(srv, ss)
+}
+
+// withDeadline enforces the deadline rule: a call without a deadline is
+// refused, and a deadline further than maxCallTimeout is brought in to it.
+// A missing deadline is the caller's mistake, hence InvalidArgument: a
+// client that forgets one would otherwise wait for ever on a stuck HSM.
+func (s *Server) withDeadline(ctx context.Context, method string) (context.Context, context.CancelFunc, error) {
+	if strings.HasPrefix(method, healthPrefix) {
+		return ctx, func() {}, nil
+	}
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return nil, nil, status.Errorf(codes.InvalidArgument, "a deadline is required: set a timeout on the call (at most %s)", s.maxCallTimeout)
+	}
+	if limit := s.now().Add(s.maxCallTimeout); dl.After(limit) {
+		ctx, cancel := context.WithDeadline(ctx, limit)
+		return ctx, cancel, nil
+	}
+	return ctx, func() {}, nil
+}
+
+func (s *Server) deadlineUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	ctx, cancel, err := s.withDeadline(ctx, info.FullMethod)
+	if err != nil {
+		return nil, err
+	}
+	defer cancel()
+	return handler(ctx, req)
+}
+
+func (s *Server) deadlineStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ctx, cancel, err := s.withDeadline(ss.Context(), info.FullMethod)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	return handler(srv, &ctxStream{ServerStream: ss, ctx: ctx})
+}
+
+// ctxStream substitutes the context of a server stream, which
+// grpc.ServerStream offers no other way to do.
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (c *ctxStream) Context() context.Context { return c.ctx }

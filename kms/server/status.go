@@ -1,0 +1,65 @@
+package server
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/coffre-kms/coffre/kms"
+)
+
+// Messages of the statuses whose cause must not reach the caller. The
+// detail of an unavailable HSM or store (module paths, slot numbers, file
+// names) and of an internal failure is for the server log only.
+const (
+	msgDecrypt     = "decryption failed"
+	msgUnavailable = "the HSM or the key store is unavailable; retry later"
+	msgInternal    = "internal error"
+)
+
+// toStatus is the one mapping from kms errors to gRPC statuses. The kms
+// package promises that the messages of its invalid-argument, not-found,
+// exists and precondition errors describe the request and never hold key
+// material, so they are passed on: an administrator needs to know which
+// character of a keyring name was refused. Everything else gets a fixed
+// message.
+//
+// ErrDecrypt is tested first: a decryption failure must look the same
+// whatever else its error chain says.
+func toStatus(err error) *status.Status {
+	switch {
+	case err == nil:
+		return status.New(codes.OK, "")
+	case errors.Is(err, kms.ErrDecrypt):
+		return status.New(codes.InvalidArgument, msgDecrypt)
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.New(codes.DeadlineExceeded, "the call's deadline passed")
+	case errors.Is(err, context.Canceled):
+		return status.New(codes.Canceled, "the call was canceled")
+	case errors.Is(err, kms.ErrInvalidArgument):
+		return status.New(codes.InvalidArgument, err.Error())
+	case errors.Is(err, kms.ErrNotFound):
+		return status.New(codes.NotFound, err.Error())
+	case errors.Is(err, kms.ErrExists):
+		return status.New(codes.AlreadyExists, err.Error())
+	case errors.Is(err, kms.ErrFailedPrecondition):
+		return status.New(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, kms.ErrUnavailable):
+		return status.New(codes.Unavailable, msgUnavailable)
+	default:
+		return status.New(codes.Internal, msgInternal)
+	}
+}
+
+// fail maps err with toStatus and logs the detail the caller does not get.
+func (s *Server) fail(ctx context.Context, err error) error {
+	st := toStatus(err)
+	switch st.Code() {
+	case codes.Internal, codes.Unavailable:
+		// kms errors never hold key material, so their text may be logged.
+		s.log.ErrorContext(ctx, "call failed", "method", methodFrom(ctx), "code", st.Code().String(), "err", err)
+	}
+	return st.Err()
+}
