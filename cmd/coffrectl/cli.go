@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Exit codes.
+const (
+	exitOK    = 0
+	exitError = 1 // the operation failed
+	exitUsage = 2 // the command line is wrong
+)
+
+// errUsage marks errors in the command line itself.
+var errUsage = errors.New("usage")
+
+// globals are the flags every command accepts. Each defaults from the
+// environment variable named beside it; a flag on the command line always
+// wins over the environment.
+type globals struct {
+	server, ca, cert, key string
+	timeout               time.Duration
+	json                  bool
+}
+
+func (g *globals) register(fs *flag.FlagSet) {
+	fs.StringVar(&g.server, "server", os.Getenv("COFFRE_ADDR"), "coffred address `HOST:PORT` (env COFFRE_ADDR)")
+	fs.StringVar(&g.ca, "ca", os.Getenv("COFFRE_CA"), "`FILE` with the CA certificate(s) that sign coffred's certificate (env COFFRE_CA)")
+	fs.StringVar(&g.cert, "cert", os.Getenv("COFFRE_CERT"), "admin client certificate `FILE` (env COFFRE_CERT)")
+	fs.StringVar(&g.key, "key", os.Getenv("COFFRE_KEY"), "admin client private key `FILE` (env COFFRE_KEY)")
+	fs.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to the server")
+	fs.BoolVar(&g.json, "json", false, "print results as JSON")
+}
+
+// command is one leaf of the command tree.
+type command struct {
+	path    string // "keyring create"
+	args    string // synopsis of the positional arguments
+	summary string
+	flags   func(fs *flag.FlagSet) // extra flags, may be nil
+	run     func(ctx context.Context, e *env, args []string) error
+	nargs   int // exact number of positional arguments, -1 for any
+}
+
+// env is what a running command has at hand.
+type env struct {
+	g      globals
+	fs     *flag.FlagSet
+	stdout io.Writer
+	stderr io.Writer
+}
+
+func commands() []*command {
+	cs := append(keyringCommands(), ceremonyCommands()...)
+	sort.Slice(cs, func(i, j int) bool { return cs[i].path < cs[j].path })
+	return cs
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	cs := commands()
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
+		if len(args) > 1 {
+			return run(ctx, append(args[1:], "--help"), stdout, stderr)
+		}
+		usage(stdout, cs, "")
+		return exitOK
+	}
+	// Find the longest command path that the leading words name.
+	var cmd *command
+	words := 0
+	for _, c := range cs {
+		p := strings.Fields(c.path)
+		if len(p) <= len(args) && strings.Join(args[:len(p)], " ") == c.path && len(p) > words {
+			cmd, words = c, len(p)
+		}
+	}
+	if cmd == nil {
+		prefix := args[0]
+		if !hasPrefix(cs, prefix) {
+			fmt.Fprintf(stderr, "coffrectl: unknown command %q\n\n", prefix)
+			usage(stderr, cs, "")
+			return exitUsage
+		}
+		if len(args) > 1 && !strings.HasPrefix(args[1], "-") {
+			fmt.Fprintf(stderr, "coffrectl: unknown command %q\n\n", prefix+" "+args[1])
+			usage(stderr, cs, prefix)
+			return exitUsage
+		}
+		// "coffrectl keyring" or "coffrectl keyring --help": list its subcommands.
+		w := stderr
+		code := exitUsage
+		if len(args) > 1 && isHelp(args[1]) {
+			w, code = stdout, exitOK
+		}
+		usage(w, cs, prefix)
+		return code
+	}
+	e := &env{stdout: stdout, stderr: stderr}
+	fs := flag.NewFlagSet("coffrectl "+cmd.path, flag.ContinueOnError)
+	fs.SetOutput(stdout)
+	e.g.register(fs)
+	if cmd.flags != nil {
+		cmd.flags(fs)
+	}
+	e.fs = fs
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: coffrectl %s [flags] %s\n\n%s\n\nFlags:\n", cmd.path, cmd.args, cmd.summary)
+		fs.PrintDefaults()
+	}
+	pos, err := parseInterleaved(fs, args[words:])
+	if errors.Is(err, flag.ErrHelp) {
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "coffrectl %s: %v (see coffrectl %s --help)\n", cmd.path, err, cmd.path)
+		return exitUsage
+	}
+	if cmd.nargs >= 0 && len(pos) != cmd.nargs {
+		fmt.Fprintf(stderr, "coffrectl %s: want %s, got %d argument(s) (see coffrectl %s --help)\n", cmd.path, cmd.args, len(pos), cmd.path)
+		return exitUsage
+	}
+	if err := cmd.run(ctx, e, pos); err != nil {
+		fmt.Fprintf(stderr, "coffrectl %s: %v\n", cmd.path, err)
+		if errors.Is(err, errUsage) {
+			return exitUsage
+		}
+		return exitError
+	}
+	return exitOK
+}
+
+func isHelp(s string) bool {
+	return s == "-h" || s == "--help" || s == "-help" || s == "help"
+}
+
+func hasPrefix(cs []*command, word string) bool {
+	for _, c := range cs {
+		if strings.HasPrefix(c.path, word+" ") || c.path == word {
+			return true
+		}
+	}
+	return false
+}
+
+// parseInterleaved parses flags that may come before, between or after the
+// positional arguments ("keyring create acme/disks --json"); "--" ends the
+// flags.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		if len(args) > 0 && len(rest) < len(args) && args[len(args)-len(rest)-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
+}
+
+func usage(w io.Writer, cs []*command, prefix string) {
+	fmt.Fprintln(w, "Usage: coffrectl COMMAND [flags] [arguments]")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Commands:")
+	for _, c := range cs {
+		if prefix != "" && !strings.HasPrefix(c.path, prefix+" ") {
+			continue
+		}
+		fmt.Fprintf(w, "  %-36s %s\n", c.path+" "+c.args, c.summary)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Every command takes --help. Server commands read COFFRE_ADDR, COFFRE_CA, COFFRE_CERT")
+	fmt.Fprintln(w, "and COFFRE_KEY (. var/dev/env sets them for the dev server); flags override them.")
+}
