@@ -1,0 +1,74 @@
+# Coffre — the two commands of the README are `make run` and `make test`.
+# Both install what they need on a fresh Debian machine (as root, no prompt).
+
+GO        ?= go
+BIN       := bin
+DEV_DIR   := var/dev
+DEV_ADDR  ?= 127.0.0.1:8443
+# Debian packages: SoftHSM2 (the HSM of dev and tests), OpenSC's pkcs11-tool
+# (tests read key attributes back with it), protoc (make proto / proto-check).
+APT_PACKAGES := softhsm2 opensc protobuf-compiler gcc libc6-dev
+
+PROTOC_GEN_GO      = $(shell $(GO) tool -n protoc-gen-go)
+PROTOC_GEN_GO_GRPC = $(shell $(GO) tool -n protoc-gen-go-grpc)
+PROTO_FILES        := $(wildcard proto/coffre/v1/*.proto)
+
+.PHONY: all build run test bench deps proto proto-check vet fuzz clean help
+
+all: build
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+deps: ## install the Debian packages that build, run and tests need (root, no prompt)
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make deps: missing Debian packages:$$missing — run as root (sudo make deps)" >&2; exit 1; fi; \
+	  echo "make deps: installing$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+build: ## build coffred, coffrectl and coffre-agent into bin/
+	CGO_ENABLED=1 $(GO) build -o $(BIN)/ ./cmd/...
+
+run: deps build ## start coffred on 127.0.0.1 with dev state in var/dev (made on first run, reused after)
+	$(BIN)/coffred dev --dir $(DEV_DIR) --listen $(DEV_ADDR)
+
+test: deps proto-check vet ## install what the tests need and run them all (SoftHSM included)
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 12m ./...
+
+vet: ## go vet and gofmt
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+bench: deps ## benchmarks: data keys in process (KEK cached) and KEK cache misses through SoftHSM
+	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -benchmem -count 1 ./kms/ ./hsm/...
+
+fuzz: ## run each fuzz target for FUZZTIME (default 30s)
+	$(GO) test -run '^$$' -fuzz '^FuzzParseEnvelope$$' -fuzztime $${FUZZTIME:-30s} ./kms/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseURI$$' -fuzztime $${FUZZTIME:-30s} ./hsm/
+
+proto: ## regenerate proto/ with the generators pinned in go.mod
+	protoc -I proto \
+	  --plugin=protoc-gen-go=$(PROTOC_GEN_GO) --plugin=protoc-gen-go-grpc=$(PROTOC_GEN_GO_GRPC) \
+	  --go_out=proto --go_opt=paths=source_relative \
+	  --go-grpc_out=proto --go-grpc_opt=paths=source_relative \
+	  $(PROTO_FILES)
+
+proto-check: deps ## fail if the committed generated code differs from what make proto makes
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	protoc -I proto \
+	  --plugin=protoc-gen-go=$(PROTOC_GEN_GO) --plugin=protoc-gen-go-grpc=$(PROTOC_GEN_GO_GRPC) \
+	  --go_out=$$tmp --go_opt=paths=source_relative \
+	  --go-grpc_out=$$tmp --go-grpc_opt=paths=source_relative \
+	  $(PROTO_FILES) && \
+	for f in $$(cd $$tmp && find . -name '*.go'); do \
+	  if ! cmp -s $$tmp/$$f proto/$$f; then echo "proto/$$f is stale: run make proto and commit" >&2; diff -u proto/$$f $$tmp/$$f | head -20 >&2; exit 1; fi; \
+	done; echo "proto: generated code is up to date"
+
+clean: ## remove build output (dev state in var/ stays)
+	rm -rf $(BIN)
