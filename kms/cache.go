@@ -40,9 +40,10 @@ type kekCache struct {
 	inflight map[kekRef]*unwrapCall
 }
 
+// unwrapCall is one HSM unwrap in flight; waiters read err once done is
+// closed and, on success, take the key from the cache.
 type unwrapCall struct {
 	done chan struct{}
-	kek  *Secret
 	err  error
 }
 

@@ -19,6 +19,10 @@ const (
 	DefaultCacheSize = 1024
 	DefaultCacheTTL  = 10 * time.Minute
 	maxCASAttempts   = 16
+	// MaxVersions bounds a keyring's KEK versions, all of which live in one
+	// stored record (about 250 bytes each, under the store's 1 MiB value
+	// limit): weekly rotation for 38 years.
+	MaxVersions = 2000
 )
 
 // Service is the key hierarchy: keyrings, KEK versions and data-key
@@ -28,6 +32,8 @@ type Service struct {
 	root  hsm.Root
 	now   func() time.Time
 	keks  *kekCache
+	// maxVersions is MaxVersions; tests lower it.
+	maxVersions int
 
 	// meta caches decoded keyring records so that the per-request path
 	// touches neither the store nor the HSM. It is kept fresh by this
@@ -66,14 +72,15 @@ func New(cfg Config) (*Service, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
-		store:     cfg.Store,
-		root:      cfg.Root,
-		now:       cfg.Now,
-		keks:      newKEKCache(cfg.CacheSize, cfg.CacheTTL, cfg.Now),
-		meta:      make(map[string]cachedRecord),
-		ttl:       cfg.CacheTTL,
-		stopWatch: cancel,
-		watchDone: make(chan struct{}),
+		store:       cfg.Store,
+		root:        cfg.Root,
+		now:         cfg.Now,
+		keks:        newKEKCache(cfg.CacheSize, cfg.CacheTTL, cfg.Now),
+		maxVersions: MaxVersions,
+		meta:        make(map[string]cachedRecord),
+		ttl:         cfg.CacheTTL,
+		stopWatch:   cancel,
+		watchDone:   make(chan struct{}),
 	}
 	go s.watch(ctx)
 	return s, nil
@@ -300,7 +307,10 @@ func (s *Service) RotateKeyring(ctx context.Context, id KeyringID) (*Keyring, er
 				next.Versions[i].State = StateDeactivated.String()
 			}
 		}
-		nv := uint32(len(cur.Versions) + 1)
+		if len(cur.Versions) >= s.maxVersions {
+			return nil, fmt.Errorf("%w: keyring %s has %d versions, the most a keyring may have", ErrFailedPrecondition, id, s.maxVersions)
+		}
+		nv := uint32(len(cur.Versions) + 1) // #nosec G115 -- bounded by MaxVersions
 		v, err := s.newVersion(ctx, &next, nv)
 		if err != nil {
 			return nil, err
@@ -391,6 +401,7 @@ func (s *Service) seal(ctx context.Context, rec *keyringRecord, tenant string, d
 	err := s.withKEK(ctx, rec, v, func(kek []byte) error {
 		ek := envelopeKey(kek, nonce[:])
 		defer clear(ek)
+		// #nosec G407 -- ek is used for this one encryption only (ENVELOPE.md).
 		ct, err := sealAESGCM(ek, zeroNonce, dk, aad)
 		if err != nil {
 			return err

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -441,5 +442,46 @@ func TestWatchSeesOtherWriters(t *testing.T) {
 			t.Fatal("rotation on another service not seen within 5s")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestRotationLimit: a keyring at MaxVersions refuses to rotate, clearly,
+// and its record is untouched.
+func TestRotationLimit(t *testing.T) {
+	f := newFixture(t, Config{})
+	f.svc.maxVersions = 3
+	ctx := ctxT(t)
+	id := mustID(t, "acme/disks")
+	if _, err := f.svc.CreateKeyring(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := f.svc.RotateKeyring(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := f.store.Get(ctx, keyringKey(id))
+	_, err := f.svc.RotateKeyring(ctx, id)
+	if !errors.Is(err, ErrFailedPrecondition) || !strings.Contains(err.Error(), "3 versions") {
+		t.Fatalf("rotation past the limit: %v", err)
+	}
+	after, _ := f.store.Get(ctx, keyringKey(id))
+	if after.Revision != before.Revision {
+		t.Fatal("refused rotation changed the record")
+	}
+}
+
+// TestMaxVersionsFitsTheStore: a record at MaxVersions, with long root ids,
+// stays under the store's value limit.
+func TestMaxVersionsFitsTheStore(t *testing.T) {
+	rec := &keyringRecord{Format: recordFormat, Tenant: strings.Repeat("t", 63), Name: strings.Repeat("n", 63), UID: make([]byte, 16), Primary: MaxVersions}
+	for v := range MaxVersions {
+		rec.Versions = append(rec.Versions, versionRecord{
+			Version: uint32(v + 1), State: StateDeactivated.String(), CreateTime: time.Now(),
+			RootID: "pkcs11:token=" + strings.Repeat("x", 32) + ";object=" + strings.Repeat("y", 32), Wrapped: make([]byte, 61),
+		})
+	}
+	if n := len(rec.encode()); n > store.MaxValueSize {
+		t.Fatalf("a keyring at MaxVersions encodes to %d bytes, over the store's %d", n, store.MaxValueSize)
 	}
 }

@@ -61,7 +61,7 @@ func adminClient(g globals) (coffrev1.AdminServiceClient, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return coffrev1.NewAdminServiceClient(conn), func() { conn.Close() }, nil
+	return coffrev1.NewAdminServiceClient(conn), func() { _ = conn.Close() }, nil
 }
 
 // rpcError turns a gRPC status into a plain error for the operator.

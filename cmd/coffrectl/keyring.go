@@ -96,28 +96,30 @@ func printMessage(w io.Writer, m proto.Message, asJSON bool) error {
 	}
 	switch m := m.(type) {
 	case *coffrev1.Keyring:
-		printKeyring(w, m)
+		return printKeyring(w, m)
 	case *coffrev1.ListKeyringsResponse:
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "KEYRING\tPRIMARY\tVERSIONS\tCREATED")
 		for _, k := range m.GetKeyrings() {
 			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", k.GetId(), k.GetPrimaryVersion(), len(k.GetVersions()), stamp(k.GetCreateTime().AsTime()))
 		}
-		tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
 	default:
 		return fmt.Errorf("cannot print %T", m)
 	}
 	return nil
 }
 
-func printKeyring(w io.Writer, k *coffrev1.Keyring) {
+func printKeyring(w io.Writer, k *coffrev1.Keyring) error {
 	fmt.Fprintf(w, "keyring  %s\ncreated  %s\nprimary  %d\n\n", k.GetId(), stamp(k.GetCreateTime().AsTime()), k.GetPrimaryVersion())
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VERSION\tSTATE\tCREATED\tROOT")
 	for _, v := range k.GetVersions() {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", v.GetVersion(), stateName(v.GetState()), stamp(v.GetCreateTime().AsTime()), v.GetRootId())
 	}
-	tw.Flush()
+	return tw.Flush()
 }
 
 func stateName(s coffrev1.KeyState) string {

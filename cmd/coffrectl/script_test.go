@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -61,7 +60,7 @@ func startDevServer(t *testing.T) map[string]string {
 	bin := filepath.Join(t.TempDir(), "coffred")
 	gobin, err := exec.LookPath("go")
 	if err != nil {
-		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
+		t.Fatalf("the go command is needed to build coffred for this test: %v", err)
 	}
 	build := exec.Command(gobin, "build", "-o", bin, "../coffred")
 	build.Env = append(os.Environ(), "CGO_ENABLED=1")

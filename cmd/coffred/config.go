@@ -488,11 +488,12 @@ func (r *rawConfig) validate(baseDir string, now time.Time) (*Config, error) {
 
 	l := orZero(r.Limits)
 	c.Limits = LimitsConfig{
-		MaxMessageBytes:      int(v.intRange("limits.max_message_bytes", l.MaxMessageBytes, 1<<20, 4096, 64<<20)),
-		MaxCallTimeout:       v.duration("limits.max_call_timeout", l.MaxCallTimeout, 30*time.Second, time.Second, time.Hour),
-		MaxConcurrentStreams: uint32(v.intRange("limits.max_concurrent_streams", l.MaxConcurrentStreams, 100, 1, 10_000)),
-		HandshakeTimeout:     v.duration("limits.handshake_timeout", l.HandshakeTimeout, 10*time.Second, time.Second, 5*time.Minute),
-		ShutdownGrace:        v.duration("limits.shutdown_grace", l.ShutdownGrace, 10*time.Second, 0, 10*time.Minute),
+		MaxMessageBytes: int(v.intRange("limits.max_message_bytes", l.MaxMessageBytes, 1<<20, 4096, 64<<20)),
+		MaxCallTimeout:  v.duration("limits.max_call_timeout", l.MaxCallTimeout, 30*time.Second, time.Second, time.Hour),
+		MaxConcurrentStreams: uint32(v.intRange( // #nosec G115 -- intRange bounds it to 1..10000
+			"limits.max_concurrent_streams", l.MaxConcurrentStreams, 100, 1, 10_000)),
+		HandshakeTimeout: v.duration("limits.handshake_timeout", l.HandshakeTimeout, 10*time.Second, time.Second, 5*time.Minute),
+		ShutdownGrace:    v.duration("limits.shutdown_grace", l.ShutdownGrace, 10*time.Second, 0, 10*time.Minute),
 	}
 
 	k := orZero(r.Keepalive)

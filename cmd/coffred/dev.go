@@ -38,7 +38,7 @@ import (
 
 const (
 	defaultSoftHSMModule = "/usr/lib/softhsm/libsofthsm2.so"
-	devToken             = "coffre-dev"
+	devToken             = "coffre-dev" // #nosec G101 -- a token label, not a credential
 	devRootObject        = "root"
 	devTryKeyring        = "acme/disks"
 )

@@ -198,8 +198,8 @@ func writeFileAtomic(name string, data []byte, perm fs.FileMode) (err error) {
 	tmp := f.Name()
 	defer func() {
 		if err != nil {
-			f.Close()
-			os.Remove(tmp)
+			_ = f.Close()      // already failing: err says why
+			_ = os.Remove(tmp) // best effort; a leftover temp file holds no secret yet
 		}
 	}()
 	// CreateTemp makes the file 0600; only widen it when asked to.

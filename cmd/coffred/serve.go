@@ -76,7 +76,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, listened func(add
 	}
 	addr := lis.Addr().String()
 	if err := listened(addr); err != nil {
-		lis.Close()
+		_ = lis.Close() // the error that matters is err
 		return err
 	}
 	log.Info("serving", "addr", addr, "root", root.ID(), "store", cfg.Store.Path)

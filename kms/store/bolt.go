@@ -261,7 +261,7 @@ func quoteKey(k []byte) string {
 
 func encodeEntry(rev int64, value []byte) []byte {
 	buf := make([]byte, revSize+len(value))
-	binary.BigEndian.PutUint64(buf, uint64(rev))
+	binary.BigEndian.PutUint64(buf, uint64(rev)) // #nosec G115 -- revisions are positive: they start at 1 and only grow
 	copy(buf[revSize:], value)
 	return buf
 }
@@ -331,7 +331,7 @@ func (b *Bolt) update(ctx context.Context, fn func(data *bolt.Bucket, rev int64)
 			if ev, err = fn(tx.Bucket(boltDataBucket), next); err != nil {
 				return err
 			}
-			return tx.Bucket(boltMetaBucket).Put(boltRevisionKey, be64(uint64(next)))
+			return tx.Bucket(boltMetaBucket).Put(boltRevisionKey, be64(uint64(next))) // #nosec G115 -- next > 0, see above
 		})
 	})
 	if err != nil {
