@@ -12,6 +12,10 @@ require (
 )
 
 require (
+	github.com/cloudflare/circl v1.6.5 // indirect
+	github.com/google/go-eventlog v0.0.2 // indirect
+	github.com/google/go-tpm v0.9.8 // indirect
+	github.com/google/go-tpm-tools v0.4.7 // indirect
 	golang.org/x/net v0.60.0 // indirect
 	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/text v0.42.0 // indirect

@@ -81,6 +81,108 @@ func (KeyState) EnumDescriptor() ([]byte, []int) {
 	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{0}
 }
 
+// Release says how a keyring's data keys leave Coffre.
+type Release int32
+
+const (
+	Release_RELEASE_UNSPECIFIED Release = 0
+	// Sealed with HPKE (X-Wing) to the session's binding key.
+	Release_RELEASE_HPKE Release = 1
+	// As a TPM duplicate blob under the node's EK with PolicyPCR: only that
+	// TPM, in the class's PCR state, can import and unseal it.
+	Release_RELEASE_TPM Release = 2
+)
+
+// Enum value maps for Release.
+var (
+	Release_name = map[int32]string{
+		0: "RELEASE_UNSPECIFIED",
+		1: "RELEASE_HPKE",
+		2: "RELEASE_TPM",
+	}
+	Release_value = map[string]int32{
+		"RELEASE_UNSPECIFIED": 0,
+		"RELEASE_HPKE":        1,
+		"RELEASE_TPM":         2,
+	}
+)
+
+func (x Release) Enum() *Release {
+	p := new(Release)
+	*p = x
+	return p
+}
+
+func (x Release) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Release) Descriptor() protoreflect.EnumDescriptor {
+	return file_coffre_v1_coffre_proto_enumTypes[1].Descriptor()
+}
+
+func (Release) Type() protoreflect.EnumType {
+	return &file_coffre_v1_coffre_proto_enumTypes[1]
+}
+
+func (x Release) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Release.Descriptor instead.
+func (Release) EnumDescriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{1}
+}
+
+type NodeState int32
+
+const (
+	NodeState_NODE_STATE_UNSPECIFIED NodeState = 0
+	NodeState_NODE_STATE_ENROLLED    NodeState = 1
+	NodeState_NODE_STATE_REVOKED     NodeState = 2
+)
+
+// Enum value maps for NodeState.
+var (
+	NodeState_name = map[int32]string{
+		0: "NODE_STATE_UNSPECIFIED",
+		1: "NODE_STATE_ENROLLED",
+		2: "NODE_STATE_REVOKED",
+	}
+	NodeState_value = map[string]int32{
+		"NODE_STATE_UNSPECIFIED": 0,
+		"NODE_STATE_ENROLLED":    1,
+		"NODE_STATE_REVOKED":     2,
+	}
+)
+
+func (x NodeState) Enum() *NodeState {
+	p := new(NodeState)
+	*p = x
+	return p
+}
+
+func (x NodeState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NodeState) Descriptor() protoreflect.EnumDescriptor {
+	return file_coffre_v1_coffre_proto_enumTypes[2].Descriptor()
+}
+
+func (NodeState) Type() protoreflect.EnumType {
+	return &file_coffre_v1_coffre_proto_enumTypes[2]
+}
+
+func (x NodeState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use NodeState.Descriptor instead.
+func (NodeState) EnumDescriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{2}
+}
+
 type KeyVersion struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
 	Version    uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -998,6 +1100,1181 @@ func (x *ReEncryptResponse) GetKeyVersion() uint32 {
 	return 0
 }
 
+// KeyringPolicy says which attested nodes may receive a keyring's data keys.
+// A keyring without a policy releases to nobody.
+type KeyringPolicy struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Keyring string                 `protobuf:"bytes,1,opt,name=keyring,proto3" json:"keyring,omitempty"`
+	// Node classes allowed; empty allows none.
+	AllowedClasses []string `protobuf:"bytes,2,rep,name=allowed_classes,json=allowedClasses,proto3" json:"allowed_classes,omitempty"`
+	// Labels the node must carry with exactly these values (for example
+	// jurisdiction=ca-qc).
+	RequiredLabels map[string]string `protobuf:"bytes,3,rep,name=required_labels,json=requiredLabels,proto3" json:"required_labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Release        Release           `protobuf:"varint,4,opt,name=release,proto3,enum=coffre.v1.Release" json:"release,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *KeyringPolicy) Reset() {
+	*x = KeyringPolicy{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyringPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyringPolicy) ProtoMessage() {}
+
+func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyringPolicy.ProtoReflect.Descriptor instead.
+func (*KeyringPolicy) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *KeyringPolicy) GetKeyring() string {
+	if x != nil {
+		return x.Keyring
+	}
+	return ""
+}
+
+func (x *KeyringPolicy) GetAllowedClasses() []string {
+	if x != nil {
+		return x.AllowedClasses
+	}
+	return nil
+}
+
+func (x *KeyringPolicy) GetRequiredLabels() map[string]string {
+	if x != nil {
+		return x.RequiredLabels
+	}
+	return nil
+}
+
+func (x *KeyringPolicy) GetRelease() Release {
+	if x != nil {
+		return x.Release
+	}
+	return Release_RELEASE_UNSPECIFIED
+}
+
+type SetKeyringPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policy        *KeyringPolicy         `protobuf:"bytes,1,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetKeyringPolicyRequest) Reset() {
+	*x = SetKeyringPolicyRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetKeyringPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetKeyringPolicyRequest) ProtoMessage() {}
+
+func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetKeyringPolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetKeyringPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *SetKeyringPolicyRequest) GetPolicy() *KeyringPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+type EKRoot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// SHA-256 of the certificate's DER, hex.
+	Fingerprint   string                 `protobuf:"bytes,1,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	Subject       string                 `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
+	NotAfter      *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EKRoot) Reset() {
+	*x = EKRoot{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EKRoot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EKRoot) ProtoMessage() {}
+
+func (x *EKRoot) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EKRoot.ProtoReflect.Descriptor instead.
+func (*EKRoot) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *EKRoot) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *EKRoot) GetSubject() string {
+	if x != nil {
+		return x.Subject
+	}
+	return ""
+}
+
+func (x *EKRoot) GetNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
+}
+
+type AddEKRootRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PEM or DER.
+	Certificate   []byte `protobuf:"bytes,1,opt,name=certificate,proto3" json:"certificate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddEKRootRequest) Reset() {
+	*x = AddEKRootRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddEKRootRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddEKRootRequest) ProtoMessage() {}
+
+func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddEKRootRequest.ProtoReflect.Descriptor instead.
+func (*AddEKRootRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *AddEKRootRequest) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
+type ListEKRootsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListEKRootsRequest) Reset() {
+	*x = ListEKRootsRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListEKRootsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListEKRootsRequest) ProtoMessage() {}
+
+func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListEKRootsRequest.ProtoReflect.Descriptor instead.
+func (*ListEKRootsRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
+}
+
+type ListEKRootsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Roots         []*EKRoot              `protobuf:"bytes,1,rep,name=roots,proto3" json:"roots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListEKRootsResponse) Reset() {
+	*x = ListEKRootsResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListEKRootsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListEKRootsResponse) ProtoMessage() {}
+
+func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListEKRootsResponse.ProtoReflect.Descriptor instead.
+func (*ListEKRootsResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ListEKRootsResponse) GetRoots() []*EKRoot {
+	if x != nil {
+		return x.Roots
+	}
+	return nil
+}
+
+type PCRReference struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Index uint32                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// Expected SHA-256 bank value.
+	Sha256        []byte `protobuf:"bytes,2,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PCRReference) Reset() {
+	*x = PCRReference{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PCRReference) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PCRReference) ProtoMessage() {}
+
+func (x *PCRReference) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PCRReference.ProtoReflect.Descriptor instead.
+func (*PCRReference) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *PCRReference) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *PCRReference) GetSha256() []byte {
+	if x != nil {
+		return x.Sha256
+	}
+	return nil
+}
+
+type NodeClass struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Pcrs  []*PCRReference        `protobuf:"bytes,2,rep,name=pcrs,proto3" json:"pcrs,omitempty"`
+	// The node must send a TCG event log that replays to the quoted PCRs.
+	RequireEventLog bool `protobuf:"varint,3,opt,name=require_event_log,json=requireEventLog,proto3" json:"require_event_log,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *NodeClass) Reset() {
+	*x = NodeClass{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeClass) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeClass) ProtoMessage() {}
+
+func (x *NodeClass) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeClass.ProtoReflect.Descriptor instead.
+func (*NodeClass) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *NodeClass) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NodeClass) GetPcrs() []*PCRReference {
+	if x != nil {
+		return x.Pcrs
+	}
+	return nil
+}
+
+func (x *NodeClass) GetRequireEventLog() bool {
+	if x != nil {
+		return x.RequireEventLog
+	}
+	return false
+}
+
+type SetNodeClassRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Class         *NodeClass             `protobuf:"bytes,1,opt,name=class,proto3" json:"class,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetNodeClassRequest) Reset() {
+	*x = SetNodeClassRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetNodeClassRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetNodeClassRequest) ProtoMessage() {}
+
+func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetNodeClassRequest.ProtoReflect.Descriptor instead.
+func (*SetNodeClassRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SetNodeClassRequest) GetClass() *NodeClass {
+	if x != nil {
+		return x.Class
+	}
+	return nil
+}
+
+type Node struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Class  string                 `protobuf:"bytes,2,opt,name=class,proto3" json:"class,omitempty"`
+	Labels map[string]string      `protobuf:"bytes,3,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	State  NodeState              `protobuf:"varint,4,opt,name=state,proto3,enum=coffre.v1.NodeState" json:"state,omitempty"`
+	// SHA-256 of the EK public area (TPMT_PUBLIC), hex: the node's identity.
+	EkFingerprint string                 `protobuf:"bytes,5,opt,name=ek_fingerprint,json=ekFingerprint,proto3" json:"ek_fingerprint,omitempty"`
+	EnrollTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=enroll_time,json=enrollTime,proto3" json:"enroll_time,omitempty"`
+	RevokeTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoke_time,json=revokeTime,proto3" json:"revoke_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Node) Reset() {
+	*x = Node{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Node) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Node) ProtoMessage() {}
+
+func (x *Node) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Node.ProtoReflect.Descriptor instead.
+func (*Node) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *Node) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Node) GetClass() string {
+	if x != nil {
+		return x.Class
+	}
+	return ""
+}
+
+func (x *Node) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *Node) GetState() NodeState {
+	if x != nil {
+		return x.State
+	}
+	return NodeState_NODE_STATE_UNSPECIFIED
+}
+
+func (x *Node) GetEkFingerprint() string {
+	if x != nil {
+		return x.EkFingerprint
+	}
+	return ""
+}
+
+func (x *Node) GetEnrollTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EnrollTime
+	}
+	return nil
+}
+
+func (x *Node) GetRevokeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeTime
+	}
+	return nil
+}
+
+type EnrollNodeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Class  string                 `protobuf:"bytes,2,opt,name=class,proto3" json:"class,omitempty"`
+	Labels map[string]string      `protobuf:"bytes,3,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Types that are valid to be assigned to Ek:
+	//
+	//	*EnrollNodeRequest_EkCertificate
+	//	*EnrollNodeRequest_EkPublic
+	Ek            isEnrollNodeRequest_Ek `protobuf_oneof:"ek"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnrollNodeRequest) Reset() {
+	*x = EnrollNodeRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnrollNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnrollNodeRequest) ProtoMessage() {}
+
+func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnrollNodeRequest.ProtoReflect.Descriptor instead.
+func (*EnrollNodeRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *EnrollNodeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EnrollNodeRequest) GetClass() string {
+	if x != nil {
+		return x.Class
+	}
+	return ""
+}
+
+func (x *EnrollNodeRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *EnrollNodeRequest) GetEk() isEnrollNodeRequest_Ek {
+	if x != nil {
+		return x.Ek
+	}
+	return nil
+}
+
+func (x *EnrollNodeRequest) GetEkCertificate() []byte {
+	if x != nil {
+		if x, ok := x.Ek.(*EnrollNodeRequest_EkCertificate); ok {
+			return x.EkCertificate
+		}
+	}
+	return nil
+}
+
+func (x *EnrollNodeRequest) GetEkPublic() []byte {
+	if x != nil {
+		if x, ok := x.Ek.(*EnrollNodeRequest_EkPublic); ok {
+			return x.EkPublic
+		}
+	}
+	return nil
+}
+
+type isEnrollNodeRequest_Ek interface {
+	isEnrollNodeRequest_Ek()
+}
+
+type EnrollNodeRequest_EkCertificate struct {
+	// EK certificate, PEM or DER; must chain to an EK root.
+	EkCertificate []byte `protobuf:"bytes,4,opt,name=ek_certificate,json=ekCertificate,proto3,oneof"`
+}
+
+type EnrollNodeRequest_EkPublic struct {
+	// Pinned EK public key for TPMs without certificates: TPM2B_PUBLIC,
+	// TPMT_PUBLIC or PEM (PKIX).
+	EkPublic []byte `protobuf:"bytes,5,opt,name=ek_public,json=ekPublic,proto3,oneof"`
+}
+
+func (*EnrollNodeRequest_EkCertificate) isEnrollNodeRequest_Ek() {}
+
+func (*EnrollNodeRequest_EkPublic) isEnrollNodeRequest_Ek() {}
+
+type RevokeNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeNodeRequest) Reset() {
+	*x = RevokeNodeRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeNodeRequest) ProtoMessage() {}
+
+func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
+func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RevokeNodeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ListNodesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesRequest) Reset() {
+	*x = ListNodesRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesRequest) ProtoMessage() {}
+
+func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
+func (*ListNodesRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
+}
+
+type ListNodesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*Node                `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesResponse) Reset() {
+	*x = ListNodesResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesResponse) ProtoMessage() {}
+
+func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
+func (*ListNodesResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListNodesResponse) GetNodes() []*Node {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+type ChallengeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The EK certificate (DER), when the TPM has one.
+	EkCertificate []byte `protobuf:"bytes,1,opt,name=ek_certificate,json=ekCertificate,proto3" json:"ek_certificate,omitempty"`
+	// The EK public area, TPM2B_PUBLIC (always sent).
+	EkPublic []byte `protobuf:"bytes,2,opt,name=ek_public,json=ekPublic,proto3" json:"ek_public,omitempty"`
+	// The AK public area, TPM2B_PUBLIC.
+	AkPublic      []byte `protobuf:"bytes,3,opt,name=ak_public,json=akPublic,proto3" json:"ak_public,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChallengeRequest) Reset() {
+	*x = ChallengeRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChallengeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChallengeRequest) ProtoMessage() {}
+
+func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChallengeRequest.ProtoReflect.Descriptor instead.
+func (*ChallengeRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ChallengeRequest) GetEkCertificate() []byte {
+	if x != nil {
+		return x.EkCertificate
+	}
+	return nil
+}
+
+func (x *ChallengeRequest) GetEkPublic() []byte {
+	if x != nil {
+		return x.EkPublic
+	}
+	return nil
+}
+
+func (x *ChallengeRequest) GetAkPublic() []byte {
+	if x != nil {
+		return x.AkPublic
+	}
+	return nil
+}
+
+type ChallengeResponse struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ChallengeId string                 `protobuf:"bytes,1,opt,name=challenge_id,json=challengeId,proto3" json:"challenge_id,omitempty"`
+	// Fresh, single use; the quote's qualifying data must be
+	// SHA-256(nonce || binding_public_key).
+	Nonce []byte `protobuf:"bytes,2,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	// TPM2_MakeCredential output for the AK name under the EK:
+	// TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET.
+	CredentialBlob  []byte                 `protobuf:"bytes,3,opt,name=credential_blob,json=credentialBlob,proto3" json:"credential_blob,omitempty"`
+	EncryptedSecret []byte                 `protobuf:"bytes,4,opt,name=encrypted_secret,json=encryptedSecret,proto3" json:"encrypted_secret,omitempty"`
+	ExpireTime      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// PCRs the quote must cover (SHA-256 bank).
+	PcrSelection  []uint32 `protobuf:"varint,6,rep,packed,name=pcr_selection,json=pcrSelection,proto3" json:"pcr_selection,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChallengeResponse) Reset() {
+	*x = ChallengeResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChallengeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChallengeResponse) ProtoMessage() {}
+
+func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChallengeResponse.ProtoReflect.Descriptor instead.
+func (*ChallengeResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ChallengeResponse) GetChallengeId() string {
+	if x != nil {
+		return x.ChallengeId
+	}
+	return ""
+}
+
+func (x *ChallengeResponse) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+func (x *ChallengeResponse) GetCredentialBlob() []byte {
+	if x != nil {
+		return x.CredentialBlob
+	}
+	return nil
+}
+
+func (x *ChallengeResponse) GetEncryptedSecret() []byte {
+	if x != nil {
+		return x.EncryptedSecret
+	}
+	return nil
+}
+
+func (x *ChallengeResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *ChallengeResponse) GetPcrSelection() []uint32 {
+	if x != nil {
+		return x.PcrSelection
+	}
+	return nil
+}
+
+type PCRValue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint32                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Sha256        []byte                 `protobuf:"bytes,2,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PCRValue) Reset() {
+	*x = PCRValue{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PCRValue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PCRValue) ProtoMessage() {}
+
+func (x *PCRValue) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
+func (*PCRValue) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *PCRValue) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *PCRValue) GetSha256() []byte {
+	if x != nil {
+		return x.Sha256
+	}
+	return nil
+}
+
+type CompleteRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ChallengeId string                 `protobuf:"bytes,1,opt,name=challenge_id,json=challengeId,proto3" json:"challenge_id,omitempty"`
+	// The secret recovered by TPM2_ActivateCredential.
+	ActivatedSecret []byte `protobuf:"bytes,2,opt,name=activated_secret,json=activatedSecret,proto3" json:"activated_secret,omitempty"`
+	// The AK public area, TPM2B_PUBLIC: must be the one challenged.
+	AkPublic []byte `protobuf:"bytes,3,opt,name=ak_public,json=akPublic,proto3" json:"ak_public,omitempty"`
+	// TPMS_ATTEST as returned by TPM2_Quote (without the TPM2B size).
+	Quote []byte `protobuf:"bytes,4,opt,name=quote,proto3" json:"quote,omitempty"`
+	// TPMT_SIGNATURE.
+	Signature []byte `protobuf:"bytes,5,opt,name=signature,proto3" json:"signature,omitempty"`
+	// SHA-256 bank PCR values covered by the quote.
+	Pcrs []*PCRValue `protobuf:"bytes,6,rep,name=pcrs,proto3" json:"pcrs,omitempty"`
+	// TCG PC Client event log (crypto-agile), when the class requires it.
+	EventLog []byte `protobuf:"bytes,7,opt,name=event_log,json=eventLog,proto3" json:"event_log,omitempty"`
+	// The binding key: an X-Wing public key (HPKE KEM_XWING), raw encoding.
+	BindingPublicKey []byte `protobuf:"bytes,8,opt,name=binding_public_key,json=bindingPublicKey,proto3" json:"binding_public_key,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *CompleteRequest) Reset() {
+	*x = CompleteRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteRequest) ProtoMessage() {}
+
+func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
+func (*CompleteRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CompleteRequest) GetChallengeId() string {
+	if x != nil {
+		return x.ChallengeId
+	}
+	return ""
+}
+
+func (x *CompleteRequest) GetActivatedSecret() []byte {
+	if x != nil {
+		return x.ActivatedSecret
+	}
+	return nil
+}
+
+func (x *CompleteRequest) GetAkPublic() []byte {
+	if x != nil {
+		return x.AkPublic
+	}
+	return nil
+}
+
+func (x *CompleteRequest) GetQuote() []byte {
+	if x != nil {
+		return x.Quote
+	}
+	return nil
+}
+
+func (x *CompleteRequest) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *CompleteRequest) GetPcrs() []*PCRValue {
+	if x != nil {
+		return x.Pcrs
+	}
+	return nil
+}
+
+func (x *CompleteRequest) GetEventLog() []byte {
+	if x != nil {
+		return x.EventLog
+	}
+	return nil
+}
+
+func (x *CompleteRequest) GetBindingPublicKey() []byte {
+	if x != nil {
+		return x.BindingPublicKey
+	}
+	return nil
+}
+
+type CompleteResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Opaque; sent as metadata "coffre-session" on KeyService calls.
+	SessionToken  string                 `protobuf:"bytes,1,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	Node          string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	NodeClass     string                 `protobuf:"bytes,4,opt,name=node_class,json=nodeClass,proto3" json:"node_class,omitempty"`
+	Labels        map[string]string      `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompleteResponse) Reset() {
+	*x = CompleteResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteResponse) ProtoMessage() {}
+
+func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
+func (*CompleteResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *CompleteResponse) GetSessionToken() string {
+	if x != nil {
+		return x.SessionToken
+	}
+	return ""
+}
+
+func (x *CompleteResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *CompleteResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *CompleteResponse) GetNodeClass() string {
+	if x != nil {
+		return x.NodeClass
+	}
+	return ""
+}
+
+func (x *CompleteResponse) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
 var File_coffre_v1_coffre_proto protoreflect.FileDescriptor
 
 const file_coffre_v1_coffre_proto_rawDesc = "" +
@@ -1076,17 +2353,128 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x11ReEncryptResponse\x12\x1a\n" +
 	"\benvelope\x18\x01 \x01(\fR\benvelope\x12\x1f\n" +
 	"\vkey_version\x18\x02 \x01(\rR\n" +
-	"keyVersion*V\n" +
+	"keyVersion\"\x9a\x02\n" +
+	"\rKeyringPolicy\x12\x18\n" +
+	"\akeyring\x18\x01 \x01(\tR\akeyring\x12'\n" +
+	"\x0fallowed_classes\x18\x02 \x03(\tR\x0eallowedClasses\x12U\n" +
+	"\x0frequired_labels\x18\x03 \x03(\v2,.coffre.v1.KeyringPolicy.RequiredLabelsEntryR\x0erequiredLabels\x12,\n" +
+	"\arelease\x18\x04 \x01(\x0e2\x12.coffre.v1.ReleaseR\arelease\x1aA\n" +
+	"\x13RequiredLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"K\n" +
+	"\x17SetKeyringPolicyRequest\x120\n" +
+	"\x06policy\x18\x01 \x01(\v2\x18.coffre.v1.KeyringPolicyR\x06policy\"}\n" +
+	"\x06EKRoot\x12 \n" +
+	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\x12\x18\n" +
+	"\asubject\x18\x02 \x01(\tR\asubject\x127\n" +
+	"\tnot_after\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\"4\n" +
+	"\x10AddEKRootRequest\x12 \n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"\x14\n" +
+	"\x12ListEKRootsRequest\">\n" +
+	"\x13ListEKRootsResponse\x12'\n" +
+	"\x05roots\x18\x01 \x03(\v2\x11.coffre.v1.EKRootR\x05roots\"<\n" +
+	"\fPCRReference\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\fR\x06sha256\"x\n" +
+	"\tNodeClass\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
+	"\x04pcrs\x18\x02 \x03(\v2\x17.coffre.v1.PCRReferenceR\x04pcrs\x12*\n" +
+	"\x11require_event_log\x18\x03 \x01(\bR\x0frequireEventLog\"A\n" +
+	"\x13SetNodeClassRequest\x12*\n" +
+	"\x05class\x18\x01 \x01(\v2\x14.coffre.v1.NodeClassR\x05class\"\xed\x02\n" +
+	"\x04Node\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05class\x18\x02 \x01(\tR\x05class\x123\n" +
+	"\x06labels\x18\x03 \x03(\v2\x1b.coffre.v1.Node.LabelsEntryR\x06labels\x12*\n" +
+	"\x05state\x18\x04 \x01(\x0e2\x14.coffre.v1.NodeStateR\x05state\x12%\n" +
+	"\x0eek_fingerprint\x18\x05 \x01(\tR\rekFingerprint\x12;\n" +
+	"\venroll_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"enrollTime\x12;\n" +
+	"\vrevoke_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"revokeTime\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x88\x02\n" +
+	"\x11EnrollNodeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05class\x18\x02 \x01(\tR\x05class\x12@\n" +
+	"\x06labels\x18\x03 \x03(\v2(.coffre.v1.EnrollNodeRequest.LabelsEntryR\x06labels\x12'\n" +
+	"\x0eek_certificate\x18\x04 \x01(\fH\x00R\rekCertificate\x12\x1d\n" +
+	"\tek_public\x18\x05 \x01(\fH\x00R\bekPublic\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x04\n" +
+	"\x02ek\"'\n" +
+	"\x11RevokeNodeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x12\n" +
+	"\x10ListNodesRequest\":\n" +
+	"\x11ListNodesResponse\x12%\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x0f.coffre.v1.NodeR\x05nodes\"s\n" +
+	"\x10ChallengeRequest\x12%\n" +
+	"\x0eek_certificate\x18\x01 \x01(\fR\rekCertificate\x12\x1b\n" +
+	"\tek_public\x18\x02 \x01(\fR\bekPublic\x12\x1b\n" +
+	"\tak_public\x18\x03 \x01(\fR\bakPublic\"\x82\x02\n" +
+	"\x11ChallengeResponse\x12!\n" +
+	"\fchallenge_id\x18\x01 \x01(\tR\vchallengeId\x12\x14\n" +
+	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12'\n" +
+	"\x0fcredential_blob\x18\x03 \x01(\fR\x0ecredentialBlob\x12)\n" +
+	"\x10encrypted_secret\x18\x04 \x01(\fR\x0fencryptedSecret\x12;\n" +
+	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12#\n" +
+	"\rpcr_selection\x18\x06 \x03(\rR\fpcrSelection\"8\n" +
+	"\bPCRValue\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\fR\x06sha256\"\xa4\x02\n" +
+	"\x0fCompleteRequest\x12!\n" +
+	"\fchallenge_id\x18\x01 \x01(\tR\vchallengeId\x12)\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\x12\x1b\n" +
+	"\tak_public\x18\x03 \x01(\fR\bakPublic\x12\x14\n" +
+	"\x05quote\x18\x04 \x01(\fR\x05quote\x12\x1c\n" +
+	"\tsignature\x18\x05 \x01(\fR\tsignature\x12'\n" +
+	"\x04pcrs\x18\x06 \x03(\v2\x13.coffre.v1.PCRValueR\x04pcrs\x12\x1b\n" +
+	"\tevent_log\x18\a \x01(\fR\beventLog\x12,\n" +
+	"\x12binding_public_key\x18\b \x01(\fR\x10bindingPublicKey\"\xa3\x02\n" +
+	"\x10CompleteResponse\x12#\n" +
+	"\rsession_token\x18\x01 \x01(\tR\fsessionToken\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\x12\x1d\n" +
+	"\n" +
+	"node_class\x18\x04 \x01(\tR\tnodeClass\x12?\n" +
+	"\x06labels\x18\x05 \x03(\v2'.coffre.v1.CompleteResponse.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*V\n" +
 	"\bKeyState\x12\x19\n" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
-	"\x15KEY_STATE_DEACTIVATED\x10\x022\xab\x02\n" +
+	"\x15KEY_STATE_DEACTIVATED\x10\x02*E\n" +
+	"\aRelease\x12\x17\n" +
+	"\x13RELEASE_UNSPECIFIED\x10\x00\x12\x10\n" +
+	"\fRELEASE_HPKE\x10\x01\x12\x0f\n" +
+	"\vRELEASE_TPM\x10\x02*X\n" +
+	"\tNodeState\x12\x1a\n" +
+	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13NODE_STATE_ENROLLED\x10\x01\x12\x16\n" +
+	"\x12NODE_STATE_REVOKED\x10\x022\x90\x06\n" +
 	"\fAdminService\x12D\n" +
 	"\rCreateKeyring\x12\x1f.coffre.v1.CreateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12>\n" +
 	"\n" +
 	"GetKeyring\x12\x1c.coffre.v1.GetKeyringRequest\x1a\x12.coffre.v1.Keyring\x12O\n" +
 	"\fListKeyrings\x12\x1e.coffre.v1.ListKeyringsRequest\x1a\x1f.coffre.v1.ListKeyringsResponse\x12D\n" +
-	"\rRotateKeyring\x12\x1f.coffre.v1.RotateKeyringRequest\x1a\x12.coffre.v1.Keyring2\xf0\x01\n" +
+	"\rRotateKeyring\x12\x1f.coffre.v1.RotateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12P\n" +
+	"\x10SetKeyringPolicy\x12\".coffre.v1.SetKeyringPolicyRequest\x1a\x18.coffre.v1.KeyringPolicy\x12;\n" +
+	"\tAddEKRoot\x12\x1b.coffre.v1.AddEKRootRequest\x1a\x11.coffre.v1.EKRoot\x12L\n" +
+	"\vListEKRoots\x12\x1d.coffre.v1.ListEKRootsRequest\x1a\x1e.coffre.v1.ListEKRootsResponse\x12D\n" +
+	"\fSetNodeClass\x12\x1e.coffre.v1.SetNodeClassRequest\x1a\x14.coffre.v1.NodeClass\x12;\n" +
+	"\n" +
+	"EnrollNode\x12\x1c.coffre.v1.EnrollNodeRequest\x1a\x0f.coffre.v1.Node\x12;\n" +
+	"\n" +
+	"RevokeNode\x12\x1c.coffre.v1.RevokeNodeRequest\x1a\x0f.coffre.v1.Node\x12F\n" +
+	"\tListNodes\x12\x1b.coffre.v1.ListNodesRequest\x1a\x1c.coffre.v1.ListNodesResponse2\x9c\x01\n" +
+	"\rAttestService\x12F\n" +
+	"\tChallenge\x12\x1b.coffre.v1.ChallengeRequest\x1a\x1c.coffre.v1.ChallengeResponse\x12C\n" +
+	"\bComplete\x12\x1a.coffre.v1.CompleteRequest\x1a\x1b.coffre.v1.CompleteResponse2\xf0\x01\n" +
 	"\n" +
 	"KeyService\x12X\n" +
 	"\x0fGenerateDataKey\x12!.coffre.v1.GenerateDataKeyRequest\x1a\".coffre.v1.GenerateDataKeyResponse\x12@\n" +
@@ -1105,65 +2493,125 @@ func file_coffre_v1_coffre_proto_rawDescGZIP() []byte {
 	return file_coffre_v1_coffre_proto_rawDescData
 }
 
-var file_coffre_v1_coffre_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_coffre_v1_coffre_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_coffre_v1_coffre_proto_goTypes = []any{
 	(KeyState)(0),                   // 0: coffre.v1.KeyState
-	(*KeyVersion)(nil),              // 1: coffre.v1.KeyVersion
-	(*Keyring)(nil),                 // 2: coffre.v1.Keyring
-	(*CreateKeyringRequest)(nil),    // 3: coffre.v1.CreateKeyringRequest
-	(*GetKeyringRequest)(nil),       // 4: coffre.v1.GetKeyringRequest
-	(*ListKeyringsRequest)(nil),     // 5: coffre.v1.ListKeyringsRequest
-	(*ListKeyringsResponse)(nil),    // 6: coffre.v1.ListKeyringsResponse
-	(*RotateKeyringRequest)(nil),    // 7: coffre.v1.RotateKeyringRequest
-	(*SealedKey)(nil),               // 8: coffre.v1.SealedKey
-	(*HPKESealed)(nil),              // 9: coffre.v1.HPKESealed
-	(*TPMDuplicate)(nil),            // 10: coffre.v1.TPMDuplicate
-	(*GenerateDataKeyRequest)(nil),  // 11: coffre.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil), // 12: coffre.v1.GenerateDataKeyResponse
-	(*DecryptRequest)(nil),          // 13: coffre.v1.DecryptRequest
-	(*DecryptResponse)(nil),         // 14: coffre.v1.DecryptResponse
-	(*ReEncryptRequest)(nil),        // 15: coffre.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),       // 16: coffre.v1.ReEncryptResponse
-	nil,                             // 17: coffre.v1.GenerateDataKeyRequest.ContextEntry
-	nil,                             // 18: coffre.v1.DecryptRequest.ContextEntry
-	nil,                             // 19: coffre.v1.ReEncryptRequest.ContextEntry
-	nil,                             // 20: coffre.v1.ReEncryptRequest.DestinationContextEntry
-	(*timestamppb.Timestamp)(nil),   // 21: google.protobuf.Timestamp
+	(Release)(0),                    // 1: coffre.v1.Release
+	(NodeState)(0),                  // 2: coffre.v1.NodeState
+	(*KeyVersion)(nil),              // 3: coffre.v1.KeyVersion
+	(*Keyring)(nil),                 // 4: coffre.v1.Keyring
+	(*CreateKeyringRequest)(nil),    // 5: coffre.v1.CreateKeyringRequest
+	(*GetKeyringRequest)(nil),       // 6: coffre.v1.GetKeyringRequest
+	(*ListKeyringsRequest)(nil),     // 7: coffre.v1.ListKeyringsRequest
+	(*ListKeyringsResponse)(nil),    // 8: coffre.v1.ListKeyringsResponse
+	(*RotateKeyringRequest)(nil),    // 9: coffre.v1.RotateKeyringRequest
+	(*SealedKey)(nil),               // 10: coffre.v1.SealedKey
+	(*HPKESealed)(nil),              // 11: coffre.v1.HPKESealed
+	(*TPMDuplicate)(nil),            // 12: coffre.v1.TPMDuplicate
+	(*GenerateDataKeyRequest)(nil),  // 13: coffre.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil), // 14: coffre.v1.GenerateDataKeyResponse
+	(*DecryptRequest)(nil),          // 15: coffre.v1.DecryptRequest
+	(*DecryptResponse)(nil),         // 16: coffre.v1.DecryptResponse
+	(*ReEncryptRequest)(nil),        // 17: coffre.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),       // 18: coffre.v1.ReEncryptResponse
+	(*KeyringPolicy)(nil),           // 19: coffre.v1.KeyringPolicy
+	(*SetKeyringPolicyRequest)(nil), // 20: coffre.v1.SetKeyringPolicyRequest
+	(*EKRoot)(nil),                  // 21: coffre.v1.EKRoot
+	(*AddEKRootRequest)(nil),        // 22: coffre.v1.AddEKRootRequest
+	(*ListEKRootsRequest)(nil),      // 23: coffre.v1.ListEKRootsRequest
+	(*ListEKRootsResponse)(nil),     // 24: coffre.v1.ListEKRootsResponse
+	(*PCRReference)(nil),            // 25: coffre.v1.PCRReference
+	(*NodeClass)(nil),               // 26: coffre.v1.NodeClass
+	(*SetNodeClassRequest)(nil),     // 27: coffre.v1.SetNodeClassRequest
+	(*Node)(nil),                    // 28: coffre.v1.Node
+	(*EnrollNodeRequest)(nil),       // 29: coffre.v1.EnrollNodeRequest
+	(*RevokeNodeRequest)(nil),       // 30: coffre.v1.RevokeNodeRequest
+	(*ListNodesRequest)(nil),        // 31: coffre.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),       // 32: coffre.v1.ListNodesResponse
+	(*ChallengeRequest)(nil),        // 33: coffre.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),       // 34: coffre.v1.ChallengeResponse
+	(*PCRValue)(nil),                // 35: coffre.v1.PCRValue
+	(*CompleteRequest)(nil),         // 36: coffre.v1.CompleteRequest
+	(*CompleteResponse)(nil),        // 37: coffre.v1.CompleteResponse
+	nil,                             // 38: coffre.v1.GenerateDataKeyRequest.ContextEntry
+	nil,                             // 39: coffre.v1.DecryptRequest.ContextEntry
+	nil,                             // 40: coffre.v1.ReEncryptRequest.ContextEntry
+	nil,                             // 41: coffre.v1.ReEncryptRequest.DestinationContextEntry
+	nil,                             // 42: coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	nil,                             // 43: coffre.v1.Node.LabelsEntry
+	nil,                             // 44: coffre.v1.EnrollNodeRequest.LabelsEntry
+	nil,                             // 45: coffre.v1.CompleteResponse.LabelsEntry
+	(*timestamppb.Timestamp)(nil),   // 46: google.protobuf.Timestamp
 }
 var file_coffre_v1_coffre_proto_depIdxs = []int32{
 	0,  // 0: coffre.v1.KeyVersion.state:type_name -> coffre.v1.KeyState
-	21, // 1: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	21, // 2: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
-	1,  // 3: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
-	2,  // 4: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
-	9,  // 5: coffre.v1.SealedKey.hpke:type_name -> coffre.v1.HPKESealed
-	10, // 6: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
-	17, // 7: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
-	8,  // 8: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
-	18, // 9: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
-	8,  // 10: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
-	19, // 11: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
-	20, // 12: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
-	3,  // 13: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
-	4,  // 14: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
-	5,  // 15: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
-	7,  // 16: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
-	11, // 17: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
-	13, // 18: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
-	15, // 19: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
-	2,  // 20: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
-	2,  // 21: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
-	6,  // 22: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
-	2,  // 23: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
-	12, // 24: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
-	14, // 25: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
-	16, // 26: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
-	20, // [20:27] is the sub-list for method output_type
-	13, // [13:20] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	46, // 1: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	46, // 2: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
+	3,  // 3: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
+	4,  // 4: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
+	11, // 5: coffre.v1.SealedKey.hpke:type_name -> coffre.v1.HPKESealed
+	12, // 6: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
+	38, // 7: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
+	10, // 8: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
+	39, // 9: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
+	10, // 10: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
+	40, // 11: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
+	41, // 12: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
+	42, // 13: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	1,  // 14: coffre.v1.KeyringPolicy.release:type_name -> coffre.v1.Release
+	19, // 15: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
+	46, // 16: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
+	21, // 17: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
+	25, // 18: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
+	26, // 19: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
+	43, // 20: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
+	2,  // 21: coffre.v1.Node.state:type_name -> coffre.v1.NodeState
+	46, // 22: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
+	46, // 23: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
+	44, // 24: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
+	28, // 25: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
+	46, // 26: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 27: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
+	46, // 28: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
+	45, // 29: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
+	5,  // 30: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
+	6,  // 31: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
+	7,  // 32: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
+	9,  // 33: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
+	20, // 34: coffre.v1.AdminService.SetKeyringPolicy:input_type -> coffre.v1.SetKeyringPolicyRequest
+	22, // 35: coffre.v1.AdminService.AddEKRoot:input_type -> coffre.v1.AddEKRootRequest
+	23, // 36: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
+	27, // 37: coffre.v1.AdminService.SetNodeClass:input_type -> coffre.v1.SetNodeClassRequest
+	29, // 38: coffre.v1.AdminService.EnrollNode:input_type -> coffre.v1.EnrollNodeRequest
+	30, // 39: coffre.v1.AdminService.RevokeNode:input_type -> coffre.v1.RevokeNodeRequest
+	31, // 40: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
+	33, // 41: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
+	36, // 42: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
+	13, // 43: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
+	15, // 44: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
+	17, // 45: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
+	4,  // 46: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
+	4,  // 47: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
+	8,  // 48: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
+	4,  // 49: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
+	19, // 50: coffre.v1.AdminService.SetKeyringPolicy:output_type -> coffre.v1.KeyringPolicy
+	21, // 51: coffre.v1.AdminService.AddEKRoot:output_type -> coffre.v1.EKRoot
+	24, // 52: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
+	26, // 53: coffre.v1.AdminService.SetNodeClass:output_type -> coffre.v1.NodeClass
+	28, // 54: coffre.v1.AdminService.EnrollNode:output_type -> coffre.v1.Node
+	28, // 55: coffre.v1.AdminService.RevokeNode:output_type -> coffre.v1.Node
+	32, // 56: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
+	34, // 57: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
+	37, // 58: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
+	14, // 59: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
+	16, // 60: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
+	18, // 61: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
+	46, // [46:62] is the sub-list for method output_type
+	30, // [30:46] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_coffre_v1_coffre_proto_init() }
@@ -1175,15 +2623,19 @@ func file_coffre_v1_coffre_proto_init() {
 		(*SealedKey_Hpke)(nil),
 		(*SealedKey_Tpm)(nil),
 	}
+	file_coffre_v1_coffre_proto_msgTypes[26].OneofWrappers = []any{
+		(*EnrollNodeRequest_EkCertificate)(nil),
+		(*EnrollNodeRequest_EkPublic)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coffre_v1_coffre_proto_rawDesc), len(file_coffre_v1_coffre_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   20,
+			NumEnums:      3,
+			NumMessages:   43,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   3,
 		},
 		GoTypes:           file_coffre_v1_coffre_proto_goTypes,
 		DependencyIndexes: file_coffre_v1_coffre_proto_depIdxs,

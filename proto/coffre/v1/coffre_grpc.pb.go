@@ -26,10 +26,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_CreateKeyring_FullMethodName = "/coffre.v1.AdminService/CreateKeyring"
-	AdminService_GetKeyring_FullMethodName    = "/coffre.v1.AdminService/GetKeyring"
-	AdminService_ListKeyrings_FullMethodName  = "/coffre.v1.AdminService/ListKeyrings"
-	AdminService_RotateKeyring_FullMethodName = "/coffre.v1.AdminService/RotateKeyring"
+	AdminService_CreateKeyring_FullMethodName    = "/coffre.v1.AdminService/CreateKeyring"
+	AdminService_GetKeyring_FullMethodName       = "/coffre.v1.AdminService/GetKeyring"
+	AdminService_ListKeyrings_FullMethodName     = "/coffre.v1.AdminService/ListKeyrings"
+	AdminService_RotateKeyring_FullMethodName    = "/coffre.v1.AdminService/RotateKeyring"
+	AdminService_SetKeyringPolicy_FullMethodName = "/coffre.v1.AdminService/SetKeyringPolicy"
+	AdminService_AddEKRoot_FullMethodName        = "/coffre.v1.AdminService/AddEKRoot"
+	AdminService_ListEKRoots_FullMethodName      = "/coffre.v1.AdminService/ListEKRoots"
+	AdminService_SetNodeClass_FullMethodName     = "/coffre.v1.AdminService/SetNodeClass"
+	AdminService_EnrollNode_FullMethodName       = "/coffre.v1.AdminService/EnrollNode"
+	AdminService_RevokeNode_FullMethodName       = "/coffre.v1.AdminService/RevokeNode"
+	AdminService_ListNodes_FullMethodName        = "/coffre.v1.AdminService/ListNodes"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -48,6 +55,23 @@ type AdminServiceClient interface {
 	// RotateKeyring adds a new KEK version and makes it the primary; older
 	// versions keep decrypting.
 	RotateKeyring(ctx context.Context, in *RotateKeyringRequest, opts ...grpc.CallOption) (*Keyring, error)
+	// SetKeyringPolicy sets who may receive the keyring's data keys.
+	SetKeyringPolicy(ctx context.Context, in *SetKeyringPolicyRequest, opts ...grpc.CallOption) (*KeyringPolicy, error)
+	// AddEKRoot adds a TPM manufacturer CA certificate to the pool that EK
+	// certificates must chain to.
+	AddEKRoot(ctx context.Context, in *AddEKRootRequest, opts ...grpc.CallOption) (*EKRoot, error)
+	// ListEKRoots lists the EK CA pool.
+	ListEKRoots(ctx context.Context, in *ListEKRootsRequest, opts ...grpc.CallOption) (*ListEKRootsResponse, error)
+	// SetNodeClass creates or replaces a node class: the reference values
+	// (expected PCRs, event log) its nodes must match.
+	SetNodeClass(ctx context.Context, in *SetNodeClassRequest, opts ...grpc.CallOption) (*NodeClass, error)
+	// EnrollNode registers a machine by its EK certificate or pinned EK
+	// public key, with its class and labels.
+	EnrollNode(ctx context.Context, in *EnrollNodeRequest, opts ...grpc.CallOption) (*Node, error)
+	// RevokeNode revokes a node: its sessions end at once, its EK is refused.
+	RevokeNode(ctx context.Context, in *RevokeNodeRequest, opts ...grpc.CallOption) (*Node, error)
+	// ListNodes lists enrolled nodes.
+	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 }
 
 type adminServiceClient struct {
@@ -98,6 +122,76 @@ func (c *adminServiceClient) RotateKeyring(ctx context.Context, in *RotateKeyrin
 	return out, nil
 }
 
+func (c *adminServiceClient) SetKeyringPolicy(ctx context.Context, in *SetKeyringPolicyRequest, opts ...grpc.CallOption) (*KeyringPolicy, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyringPolicy)
+	err := c.cc.Invoke(ctx, AdminService_SetKeyringPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) AddEKRoot(ctx context.Context, in *AddEKRootRequest, opts ...grpc.CallOption) (*EKRoot, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EKRoot)
+	err := c.cc.Invoke(ctx, AdminService_AddEKRoot_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ListEKRoots(ctx context.Context, in *ListEKRootsRequest, opts ...grpc.CallOption) (*ListEKRootsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListEKRootsResponse)
+	err := c.cc.Invoke(ctx, AdminService_ListEKRoots_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) SetNodeClass(ctx context.Context, in *SetNodeClassRequest, opts ...grpc.CallOption) (*NodeClass, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NodeClass)
+	err := c.cc.Invoke(ctx, AdminService_SetNodeClass_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) EnrollNode(ctx context.Context, in *EnrollNodeRequest, opts ...grpc.CallOption) (*Node, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Node)
+	err := c.cc.Invoke(ctx, AdminService_EnrollNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) RevokeNode(ctx context.Context, in *RevokeNodeRequest, opts ...grpc.CallOption) (*Node, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Node)
+	err := c.cc.Invoke(ctx, AdminService_RevokeNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListNodesResponse)
+	err := c.cc.Invoke(ctx, AdminService_ListNodes_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -114,6 +208,23 @@ type AdminServiceServer interface {
 	// RotateKeyring adds a new KEK version and makes it the primary; older
 	// versions keep decrypting.
 	RotateKeyring(context.Context, *RotateKeyringRequest) (*Keyring, error)
+	// SetKeyringPolicy sets who may receive the keyring's data keys.
+	SetKeyringPolicy(context.Context, *SetKeyringPolicyRequest) (*KeyringPolicy, error)
+	// AddEKRoot adds a TPM manufacturer CA certificate to the pool that EK
+	// certificates must chain to.
+	AddEKRoot(context.Context, *AddEKRootRequest) (*EKRoot, error)
+	// ListEKRoots lists the EK CA pool.
+	ListEKRoots(context.Context, *ListEKRootsRequest) (*ListEKRootsResponse, error)
+	// SetNodeClass creates or replaces a node class: the reference values
+	// (expected PCRs, event log) its nodes must match.
+	SetNodeClass(context.Context, *SetNodeClassRequest) (*NodeClass, error)
+	// EnrollNode registers a machine by its EK certificate or pinned EK
+	// public key, with its class and labels.
+	EnrollNode(context.Context, *EnrollNodeRequest) (*Node, error)
+	// RevokeNode revokes a node: its sessions end at once, its EK is refused.
+	RevokeNode(context.Context, *RevokeNodeRequest) (*Node, error)
+	// ListNodes lists enrolled nodes.
+	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -135,6 +246,27 @@ func (UnimplementedAdminServiceServer) ListKeyrings(context.Context, *ListKeyrin
 }
 func (UnimplementedAdminServiceServer) RotateKeyring(context.Context, *RotateKeyringRequest) (*Keyring, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateKeyring not implemented")
+}
+func (UnimplementedAdminServiceServer) SetKeyringPolicy(context.Context, *SetKeyringPolicyRequest) (*KeyringPolicy, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetKeyringPolicy not implemented")
+}
+func (UnimplementedAdminServiceServer) AddEKRoot(context.Context, *AddEKRootRequest) (*EKRoot, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddEKRoot not implemented")
+}
+func (UnimplementedAdminServiceServer) ListEKRoots(context.Context, *ListEKRootsRequest) (*ListEKRootsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListEKRoots not implemented")
+}
+func (UnimplementedAdminServiceServer) SetNodeClass(context.Context, *SetNodeClassRequest) (*NodeClass, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetNodeClass not implemented")
+}
+func (UnimplementedAdminServiceServer) EnrollNode(context.Context, *EnrollNodeRequest) (*Node, error) {
+	return nil, status.Error(codes.Unimplemented, "method EnrollNode not implemented")
+}
+func (UnimplementedAdminServiceServer) RevokeNode(context.Context, *RevokeNodeRequest) (*Node, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeNode not implemented")
+}
+func (UnimplementedAdminServiceServer) ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListNodes not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -229,6 +361,132 @@ func _AdminService_RotateKeyring_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_SetKeyringPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetKeyringPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).SetKeyringPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_SetKeyringPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).SetKeyringPolicy(ctx, req.(*SetKeyringPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_AddEKRoot_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddEKRootRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).AddEKRoot(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_AddEKRoot_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).AddEKRoot(ctx, req.(*AddEKRootRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ListEKRoots_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListEKRootsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ListEKRoots(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ListEKRoots_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ListEKRoots(ctx, req.(*ListEKRootsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_SetNodeClass_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetNodeClassRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).SetNodeClass(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_SetNodeClass_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).SetNodeClass(ctx, req.(*SetNodeClassRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_EnrollNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EnrollNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).EnrollNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_EnrollNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).EnrollNode(ctx, req.(*EnrollNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_RevokeNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RevokeNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RevokeNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RevokeNode(ctx, req.(*RevokeNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ListNodes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListNodesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ListNodes(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ListNodes_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ListNodes(ctx, req.(*ListNodesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -252,6 +510,190 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "RotateKeyring",
 			Handler:    _AdminService_RotateKeyring_Handler,
 		},
+		{
+			MethodName: "SetKeyringPolicy",
+			Handler:    _AdminService_SetKeyringPolicy_Handler,
+		},
+		{
+			MethodName: "AddEKRoot",
+			Handler:    _AdminService_AddEKRoot_Handler,
+		},
+		{
+			MethodName: "ListEKRoots",
+			Handler:    _AdminService_ListEKRoots_Handler,
+		},
+		{
+			MethodName: "SetNodeClass",
+			Handler:    _AdminService_SetNodeClass_Handler,
+		},
+		{
+			MethodName: "EnrollNode",
+			Handler:    _AdminService_EnrollNode_Handler,
+		},
+		{
+			MethodName: "RevokeNode",
+			Handler:    _AdminService_RevokeNode_Handler,
+		},
+		{
+			MethodName: "ListNodes",
+			Handler:    _AdminService_ListNodes_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "coffre/v1/coffre.proto",
+}
+
+const (
+	AttestService_Challenge_FullMethodName = "/coffre.v1.AttestService/Challenge"
+	AttestService_Complete_FullMethodName  = "/coffre.v1.AttestService/Complete"
+)
+
+// AttestServiceClient is the client API for AttestService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// AttestService is how a node proves, with its TPM 2.0, that it is an
+// enrolled machine in a known-good state, and obtains a session. It needs
+// no client certificate: the TPM is the node's identity.
+type AttestServiceClient interface {
+	// Challenge checks the AK and returns a credential for it under the EK
+	// (TPM2_MakeCredential) and a fresh single-use nonce.
+	Challenge(ctx context.Context, in *ChallengeRequest, opts ...grpc.CallOption) (*ChallengeResponse, error)
+	// Complete verifies the evidence and issues a session bound to the node,
+	// its labels and its binding key.
+	Complete(ctx context.Context, in *CompleteRequest, opts ...grpc.CallOption) (*CompleteResponse, error)
+}
+
+type attestServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewAttestServiceClient(cc grpc.ClientConnInterface) AttestServiceClient {
+	return &attestServiceClient{cc}
+}
+
+func (c *attestServiceClient) Challenge(ctx context.Context, in *ChallengeRequest, opts ...grpc.CallOption) (*ChallengeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ChallengeResponse)
+	err := c.cc.Invoke(ctx, AttestService_Challenge_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *attestServiceClient) Complete(ctx context.Context, in *CompleteRequest, opts ...grpc.CallOption) (*CompleteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CompleteResponse)
+	err := c.cc.Invoke(ctx, AttestService_Complete_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// AttestServiceServer is the server API for AttestService service.
+// All implementations must embed UnimplementedAttestServiceServer
+// for forward compatibility.
+//
+// AttestService is how a node proves, with its TPM 2.0, that it is an
+// enrolled machine in a known-good state, and obtains a session. It needs
+// no client certificate: the TPM is the node's identity.
+type AttestServiceServer interface {
+	// Challenge checks the AK and returns a credential for it under the EK
+	// (TPM2_MakeCredential) and a fresh single-use nonce.
+	Challenge(context.Context, *ChallengeRequest) (*ChallengeResponse, error)
+	// Complete verifies the evidence and issues a session bound to the node,
+	// its labels and its binding key.
+	Complete(context.Context, *CompleteRequest) (*CompleteResponse, error)
+	mustEmbedUnimplementedAttestServiceServer()
+}
+
+// UnimplementedAttestServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedAttestServiceServer struct{}
+
+func (UnimplementedAttestServiceServer) Challenge(context.Context, *ChallengeRequest) (*ChallengeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Challenge not implemented")
+}
+func (UnimplementedAttestServiceServer) Complete(context.Context, *CompleteRequest) (*CompleteResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Complete not implemented")
+}
+func (UnimplementedAttestServiceServer) mustEmbedUnimplementedAttestServiceServer() {}
+func (UnimplementedAttestServiceServer) testEmbeddedByValue()                       {}
+
+// UnsafeAttestServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to AttestServiceServer will
+// result in compilation errors.
+type UnsafeAttestServiceServer interface {
+	mustEmbedUnimplementedAttestServiceServer()
+}
+
+func RegisterAttestServiceServer(s grpc.ServiceRegistrar, srv AttestServiceServer) {
+	// If the following call panics, it indicates UnimplementedAttestServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&AttestService_ServiceDesc, srv)
+}
+
+func _AttestService_Challenge_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ChallengeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AttestServiceServer).Challenge(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AttestService_Challenge_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AttestServiceServer).Challenge(ctx, req.(*ChallengeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AttestService_Complete_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompleteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AttestServiceServer).Complete(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AttestService_Complete_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AttestServiceServer).Complete(ctx, req.(*CompleteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// AttestService_ServiceDesc is the grpc.ServiceDesc for AttestService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var AttestService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "coffre.v1.AttestService",
+	HandlerType: (*AttestServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Challenge",
+			Handler:    _AttestService_Challenge_Handler,
+		},
+		{
+			MethodName: "Complete",
+			Handler:    _AttestService_Complete_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "coffre/v1/coffre.proto",
@@ -268,8 +710,9 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // KeyService releases data keys to attested nodes. Every call carries the
-// session established by attestation; the data key comes back sealed to the
-// session's binding key, never in the clear.
+// session token established by AttestService in the request metadata
+// "coffre-session"; the data key comes back sealed to the session's binding
+// key (or as a TPM duplicate blob), never in the clear.
 type KeyServiceClient interface {
 	// GenerateDataKey makes a fresh data key under the keyring's primary KEK.
 	GenerateDataKey(ctx context.Context, in *GenerateDataKeyRequest, opts ...grpc.CallOption) (*GenerateDataKeyResponse, error)
@@ -323,8 +766,9 @@ func (c *keyServiceClient) ReEncrypt(ctx context.Context, in *ReEncryptRequest, 
 // for forward compatibility.
 //
 // KeyService releases data keys to attested nodes. Every call carries the
-// session established by attestation; the data key comes back sealed to the
-// session's binding key, never in the clear.
+// session token established by AttestService in the request metadata
+// "coffre-session"; the data key comes back sealed to the session's binding
+// key (or as a TPM duplicate blob), never in the clear.
 type KeyServiceServer interface {
 	// GenerateDataKey makes a fresh data key under the keyring's primary KEK.
 	GenerateDataKey(context.Context, *GenerateDataKeyRequest) (*GenerateDataKeyResponse, error)
