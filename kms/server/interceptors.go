@@ -31,10 +31,11 @@ var (
 )
 
 // callInfo collects, for the one log line per call, what inner interceptors
-// learn about the caller. observe puts it in the context; the admin gate
-// fills it.
+// and handlers learn about the caller. observe puts it in the context; the
+// admin gate and the attestation handler fill it.
 type callInfo struct {
 	admin string
+	node  string // the node that attested (AttestService.Complete)
 }
 
 type callInfoKey struct{}
@@ -76,6 +77,9 @@ func (s *Server) observe(ctx context.Context, method string, call func(context.C
 		}
 		if ci.admin != "" {
 			attrs = append(attrs, slog.String("admin", ci.admin))
+		}
+		if ci.node != "" {
+			attrs = append(attrs, slog.String("node", ci.node))
 		}
 		if err != nil {
 			attrs = append(attrs, slog.String("error", status.Convert(err).Message()))

@@ -20,10 +20,20 @@
 //
 // # What is served
 //
-// [Server.Register] registers AdminService and the standard health service.
-// KeyService is deliberately not registered: it releases data keys, and
-// nothing may release a data key to a caller that has not attested. Until
-// attested release lands, a KeyService call gets codes.Unimplemented.
+// [Server.Register] registers AdminService, AttestService, KeyService and
+// the standard health service:
+//   - AdminService: keyrings, and the state of attested release (EK
+//     roots, node classes, nodes, keyring policies); admin-gated.
+//   - AttestService: TPM attestation (Challenge, Complete) that yields a
+//     session. It needs no client certificate — the TPM is the node's
+//     identity — but a deadline like every call.
+//   - KeyService: data-key release. Every call carries the session token
+//     in the metadata "coffre-session"; without one it is Unauthenticated.
+//     Keys come back sealed to the attested node, never in the clear.
+//
+// Attestation and release are [kms.ReleaseService]'s; without one
+// ([Options.Release] nil) their calls are refused (FailedPrecondition, and
+// Unauthenticated for KeyService: no session can exist).
 //
 // # Status codes
 //
@@ -31,7 +41,10 @@
 // (see the package's sentinel errors): invalid argument, not found,
 // already exists, failed precondition and unavailable map one to one; a
 // decryption failure is InvalidArgument "decryption failed" whatever its
-// cause; anything unexpected is Internal with a generic message, and the
+// cause; a missing, unknown or expired session is Unauthenticated; a
+// refused attestation, a revoked node or a policy refusal is
+// PermissionDenied with the reason, which is meant for the caller; a rate
+// limit is ResourceExhausted; anything unexpected is Internal with a generic message, and the
 // detail stays in the server log. No status ever carries key material.
 package server
 
@@ -69,11 +82,16 @@ type Options struct {
 	// grant admin rights. Nil refuses every AdminService call: the safe
 	// default when nobody said who the admins are.
 	AdminCAs *x509.CertPool
+	// Release serves AttestService, KeyService and the release-state
+	// methods of AdminService. The caller keeps ownership and closes it
+	// after the grpc.Server has stopped. Nil refuses those calls.
+	Release *kms.ReleaseService
 }
 
 // Server holds the gRPC face of one kms.Service. Create it with [New].
 type Server struct {
 	svc            *kms.Service
+	rel            *kms.ReleaseService
 	log            *slog.Logger
 	maxCallTimeout time.Duration
 	adminCAs       *x509.CertPool
@@ -86,6 +104,7 @@ type Server struct {
 func New(svc *kms.Service, opts Options) *Server {
 	s := &Server{
 		svc:            svc,
+		rel:            opts.Release,
 		log:            opts.Logger,
 		maxCallTimeout: opts.MaxCallTimeout,
 		adminCAs:       opts.AdminCAs,
@@ -101,15 +120,23 @@ func New(svc *kms.Service, opts Options) *Server {
 	return s
 }
 
-// Register registers AdminService and the health service on g, and reports
-// both as SERVING. KeyService is not registered (see the package
-// documentation). g must have been built with [Server.ServerOptions]; the
-// admin gate and the deadline rule live there.
+// Register registers AdminService, AttestService, KeyService and the
+// health service on g, and reports them SERVING. g must have been built
+// with [Server.ServerOptions]; the admin gate and the deadline rule live
+// there.
 func (s *Server) Register(g *grpc.Server) {
 	coffrev1.RegisterAdminServiceServer(g, &adminService{s: s})
+	coffrev1.RegisterAttestServiceServer(g, &attestService{s: s})
+	coffrev1.RegisterKeyServiceServer(g, &keyService{s: s})
 	healthpb.RegisterHealthServer(g, s.health)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(coffrev1.AdminService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	for _, name := range []string{
+		coffrev1.AdminService_ServiceDesc.ServiceName,
+		coffrev1.AttestService_ServiceDesc.ServiceName,
+		coffrev1.KeyService_ServiceDesc.ServiceName,
+	} {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
 }
 
 // Drain reports every service NOT_SERVING, for good: load balancers and

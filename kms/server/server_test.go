@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
@@ -54,6 +55,9 @@ func (s *syncBuffer) String() string {
 
 type fixture struct {
 	srv      *Server
+	svc      *kms.Service
+	rel      *kms.ReleaseService
+	clock    *testClock
 	addr     string
 	adminCA  *testCA
 	serverCA *testCA
@@ -64,6 +68,13 @@ type fixture struct {
 // newFixture serves a Server over a fresh SoftHSM root and bbolt store on
 // 127.0.0.1, with TLS set up the way cmd/coffred sets it up.
 func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	return newFixtureWith(t, kms.ReleaseConfig{})
+}
+
+// newFixtureWith is newFixture with a release configuration; its clock is
+// the fixture's, which the test moves by hand.
+func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig) *fixture {
 	t.Helper()
 	root := hsmtest.NewRoot(t)
 	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "coffre.db"), store.BoltOptions{})
@@ -76,8 +87,18 @@ func newFixture(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { svc.Close() })
+	clock := newTestClock()
+	rcfg.Now = clock.Now
+	rel, err := kms.NewReleaseService(svc, rcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rel.Close() })
 
 	f := &fixture{
+		svc:      svc,
+		rel:      rel,
+		clock:    clock,
 		adminCA:  newTestCA(t, "test admin CA"),
 		serverCA: newTestCA(t, "test server CA"),
 		log:      &syncBuffer{},
@@ -89,6 +110,7 @@ func newFixture(t *testing.T) *fixture {
 		MaxCallTimeout: 5 * time.Second,
 		Logger:         slog.New(slog.NewTextHandler(f.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		AdminCAs:       f.adminCA.pool,
+		Release:        rel,
 	})
 	creds := credentials.NewTLS(&tls.Config{
 		MinVersion:   tls.VersionTLS13,
@@ -276,22 +298,46 @@ func TestOversizedMessage(t *testing.T) {
 	wantCode(t, err, codes.ResourceExhausted, "")
 }
 
-func TestKeyServiceNotServed(t *testing.T) {
+func TestKeyServiceWithoutSession(t *testing.T) {
 	f := newFixture(t)
-	keys := coffrev1.NewKeyServiceClient(f.dial(t, f.admin))
-	ctx := callCtx(t)
-	_, err := keys.GenerateDataKey(ctx, &coffrev1.GenerateDataKeyRequest{Keyring: "acme/disks"})
-	wantCode(t, err, codes.Unimplemented, "")
-	_, err = keys.Decrypt(ctx, &coffrev1.DecryptRequest{Envelope: []byte{1}})
-	wantCode(t, err, codes.Unimplemented, "")
-	_, err = keys.ReEncrypt(ctx, &coffrev1.ReEncryptRequest{Envelope: []byte{1}})
-	wantCode(t, err, codes.Unimplemented, "")
+	// With or without a client certificate: only a session opens
+	// KeyService.
+	for _, conn := range []*grpc.ClientConn{f.dial(t), f.dial(t, f.admin)} {
+		keys := coffrev1.NewKeyServiceClient(conn)
+		ctx := callCtx(t)
+		_, err := keys.GenerateDataKey(ctx, &coffrev1.GenerateDataKeyRequest{Keyring: "acme/disks"})
+		wantCode(t, err, codes.Unauthenticated, "KeyService needs a session")
+		_, err = keys.Decrypt(ctx, &coffrev1.DecryptRequest{Envelope: []byte{1}})
+		wantCode(t, err, codes.Unauthenticated, "KeyService needs a session")
+		_, err = keys.ReEncrypt(ctx, &coffrev1.ReEncryptRequest{Envelope: []byte{1}})
+		wantCode(t, err, codes.Unauthenticated, "KeyService needs a session")
+		// A token nobody issued.
+		bogus := metadata.AppendToOutgoingContext(ctx, SessionMetadataKey, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+		_, err = keys.GenerateDataKey(bogus, &coffrev1.GenerateDataKeyRequest{Keyring: "acme/disks"})
+		wantCode(t, err, codes.Unauthenticated, "unknown session")
+		two := metadata.AppendToOutgoingContext(ctx, SessionMetadataKey, "a", SessionMetadataKey, "b")
+		_, err = keys.GenerateDataKey(two, &coffrev1.GenerateDataKeyRequest{Keyring: "acme/disks"})
+		wantCode(t, err, codes.Unauthenticated, "more than one")
+	}
+}
+
+func TestReleaseNotConfigured(t *testing.T) {
+	f := newFixture(t)
+	f.srv.rel = nil
+	admin := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
+	_, err := admin.ListNodes(callCtx(t), &coffrev1.ListNodesRequest{})
+	wantCode(t, err, codes.FailedPrecondition, "attested release is not configured")
+	_, err = coffrev1.NewAttestServiceClient(f.dial(t)).Challenge(callCtx(t), &coffrev1.ChallengeRequest{})
+	wantCode(t, err, codes.FailedPrecondition, "attested release is not configured")
+	ctx := metadata.AppendToOutgoingContext(callCtx(t), SessionMetadataKey, "x")
+	_, err = coffrev1.NewKeyServiceClient(f.dial(t)).Decrypt(ctx, &coffrev1.DecryptRequest{})
+	wantCode(t, err, codes.Unauthenticated, "unknown session")
 }
 
 func TestHealthWithoutClientCert(t *testing.T) {
 	f := newFixture(t)
 	h := healthpb.NewHealthClient(f.dial(t))
-	for _, svc := range []string{"", "coffre.v1.AdminService"} {
+	for _, svc := range []string{"", "coffre.v1.AdminService", "coffre.v1.AttestService", "coffre.v1.KeyService"} {
 		// No deadline either: probes are exempt from the deadline rule.
 		resp, err := h.Check(context.Background(), &healthpb.HealthCheckRequest{Service: svc})
 		if err != nil {

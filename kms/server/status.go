@@ -21,10 +21,12 @@ const (
 
 // toStatus is the one mapping from kms errors to gRPC statuses. The kms
 // package promises that the messages of its invalid-argument, not-found,
-// exists and precondition errors describe the request and never hold key
-// material, so they are passed on: an administrator needs to know which
-// character of a keyring name was refused. Everything else gets a fixed
-// message.
+// exists, precondition, unauthenticated, permission-denied and
+// resource-exhausted errors describe the request and never hold key
+// material, so they are passed on: a node must learn which attestation
+// check failed ("attestation refused: PCR: PCR 7 is …"), and an
+// administrator which character of a keyring name was refused. Everything
+// else gets a fixed message.
 //
 // ErrDecrypt is tested first: a decryption failure must look the same
 // whatever else its error chain says.
@@ -46,6 +48,14 @@ func toStatus(err error) *status.Status {
 		return status.New(codes.AlreadyExists, err.Error())
 	case errors.Is(err, kms.ErrFailedPrecondition):
 		return status.New(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, kms.ErrUnauthenticated):
+		return status.New(codes.Unauthenticated, err.Error())
+	case errors.Is(err, kms.ErrPermissionDenied):
+		// The reason is for the caller: which attestation check failed,
+		// which policy condition is unmet, that the node was revoked.
+		return status.New(codes.PermissionDenied, err.Error())
+	case errors.Is(err, kms.ErrResourceExhausted):
+		return status.New(codes.ResourceExhausted, err.Error())
 	case errors.Is(err, kms.ErrUnavailable):
 		return status.New(codes.Unavailable, msgUnavailable)
 	default:

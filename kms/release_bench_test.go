@@ -1,0 +1,121 @@
+package kms
+
+import (
+	"context"
+	"testing"
+)
+
+// BenchmarkAttestSession: server CPU for one attestation session,
+// Challenge + Complete. The node's TPM work (ActivateCredential, Quote in
+// the simulator) runs with the timer stopped: evidence is bound to its
+// challenge, so it is made afresh each iteration.
+func BenchmarkAttestSession(b *testing.B) {
+	f := newRelFixture(b, ReleaseConfig{ChallengesPerEK: 1 << 30, MaxSessions: 1 << 20})
+	node := openTPMNode(b)
+	// No deadline: the simulator's work, outside the timer, can take
+	// longer than ctxT's 30 seconds over a long -benchtime.
+	ctx := context.Background()
+	if _, err := f.rel.SetNodeClass(ctx, node.class("sim")); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := f.rel.EnrollNode(ctx, &Enrollment{Name: "sim-1", Class: "sim", EKPublic: node.a.EKPublic()}); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		ch, err := f.rel.Challenge(ctx, nil, node.a.EKPublic(), node.a.AKPublic())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		ev, err := node.evidence(ctx, ch)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if _, err := f.rel.Complete(ctx, ch.ID, ev); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkReleaseGenerateDataKey: a release on an established session,
+// in process, KEK cached — compare with BenchmarkGenerateDataKey. The
+// difference is the session and policy check plus the seal; the "check"
+// sub-benchmark times the check alone, "hpke-seal" the X-Wing seal alone.
+func BenchmarkReleaseGenerateDataKey(b *testing.B) {
+	f := newRelFixture(b, ReleaseConfig{})
+	ctx := ctxT(b)
+	f.enroll(b, "node-1", "storage", map[string]string{"jurisdiction": "ca-qc"})
+	id := f.keyring(b, "acme/disks", []string{"storage"}, map[string]string{"jurisdiction": "ca-qc"}, ReleaseHPKE)
+	token, _ := f.injectSession(b, f.rel, "node-1")
+	ec := map[string]string{"volume": "vol-1"}
+	if _, err := f.rel.GenerateDataKey(ctx, token, id, ec); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("hpke", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := f.rel.GenerateDataKey(ctx, token, id, ec); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("check", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			au := AuditEvent{Op: AuditGenerateDataKey, Keyring: id}
+			s, err := f.rel.session(ctx, token, &au)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := f.rel.authorize(ctx, s, &au, id, KeyringID{}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("hpke-seal", func(b *testing.B) {
+		s, err := f.rel.lookup(token, f.clock.Now())
+		if err != nil {
+			b.Fatal(err)
+		}
+		dk, env := make([]byte, 32), make([]byte, 100)
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := f.rel.seal(s, ReleaseHPKE, dk, env); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	if n := f.root.unwraps.Load(); n != 1 {
+		b.Fatalf("HSM unwrapped %d times on the release path", n)
+	}
+}
+
+// BenchmarkReleaseGenerateDataKeyTPM: a TPM-bound release (duplicate blob
+// under the EK, RSA-2048 OAEP of the seed) on a session from the simulator.
+func BenchmarkReleaseGenerateDataKeyTPM(b *testing.B) {
+	f := newRelFixture(b, ReleaseConfig{})
+	node := openTPMNode(b)
+	// No deadline: the simulator's work, outside the timer, can take
+	// longer than ctxT's 30 seconds over a long -benchtime.
+	ctx := context.Background()
+	if _, err := f.rel.SetNodeClass(ctx, node.class("sim")); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := f.rel.EnrollNode(ctx, &Enrollment{Name: "sim-1", Class: "sim", EKPublic: node.a.EKPublic()}); err != nil {
+		b.Fatal(err)
+	}
+	id := f.keyring(b, "acme/vault", []string{"sim"}, nil, ReleaseTPM)
+	sess, err := node.attest(ctx, f.rel, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := f.rel.GenerateDataKey(ctx, sess.Token, id, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
