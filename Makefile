@@ -5,9 +5,14 @@ GO        ?= go
 BIN       := bin
 DEV_DIR   := var/dev
 DEV_ADDR  ?= 127.0.0.1:8443
+# The dev node's TPM: the reference TPM simulator with a fixed seed, so its
+# EK (and so its enrollment) is the same on every coffre-agent run.
+DEV_TPM   ?= simulator:20261122
 # Debian packages: SoftHSM2 (the HSM of dev and tests), OpenSC's pkcs11-tool
 # (tests read key attributes back with it), protoc (make proto / proto-check).
-APT_PACKAGES := softhsm2 opensc protobuf-compiler gcc libc6-dev
+# libssl-dev: the TPM simulator's cgo; swtpm, swtpm-tools, tpm2-tools: TPM
+# integration tests with EK certificates from a local CA.
+APT_PACKAGES := softhsm2 opensc protobuf-compiler gcc libc6-dev libssl-dev swtpm swtpm-tools tpm2-tools
 
 # Linters, pinned; `go run` builds them from the module proxy without
 # touching go.mod, so they never reach the binaries.
@@ -40,14 +45,15 @@ build: ## build coffred, coffrectl and coffre-agent into bin/
 	CGO_ENABLED=1 $(GO) build -o $(BIN)/ ./cmd/...
 
 run: deps build ## start coffred on 127.0.0.1 with dev state in var/dev (made on first run, reused after)
-	$(BIN)/coffred dev --dir $(DEV_DIR) --listen $(DEV_ADDR)
+	@test -f $(DEV_DIR)/node/ek.pub || $(BIN)/coffre-agent identity --tpm $(DEV_TPM) --out $(DEV_DIR)/node
+	$(BIN)/coffred dev --dir $(DEV_DIR) --listen $(DEV_ADDR) --node-tpm $(DEV_TPM)
 
 test: deps proto-check vet lint ## install what the tests need and run them all (SoftHSM included)
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 12m ./...
 
 vet: ## go vet and gofmt
 	$(GO) vet ./...
-	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	@out=$$(gofmt -l cmd kms hsm attest proto); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 lint: ## staticcheck and gosec (generated code excluded); every #nosec says why

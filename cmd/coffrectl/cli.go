@@ -60,6 +60,8 @@ type env struct {
 
 func commands() []*command {
 	cs := append(keyringCommands(), ceremonyCommands()...)
+	cs = append(cs, attestCommands()...)
+	cs = append(cs, enrollmentCommands()...)
 	sort.Slice(cs, func(i, j int) bool { return cs[i].path < cs[j].path })
 	return cs
 }

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -106,6 +107,32 @@ func printMessage(w io.Writer, m proto.Message, asJSON bool) error {
 		if err := tw.Flush(); err != nil {
 			return err
 		}
+	case *coffrev1.EKRoot:
+		fmt.Fprintf(w, "EK root  %s\nsubject  %s\nexpires  %s\n", m.GetFingerprint(), m.GetSubject(), stamp(m.GetNotAfter().AsTime()))
+	case *coffrev1.ListEKRootsResponse:
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "FINGERPRINT\tSUBJECT\tEXPIRES")
+		for _, r := range m.GetRoots() {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", r.GetFingerprint(), r.GetSubject(), stamp(r.GetNotAfter().AsTime()))
+		}
+		return tw.Flush()
+	case *coffrev1.Node:
+		printNode(w, m)
+	case *coffrev1.ListNodesResponse:
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NODE\tCLASS\tSTATE\tLABELS\tEK")
+		for _, n := range m.GetNodes() {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.GetName(), n.GetClass(), nodeState(n.GetState()), mapFlag(n.GetLabels()).String(), n.GetEkFingerprint())
+		}
+		return tw.Flush()
+	case *coffrev1.NodeClass:
+		fmt.Fprintf(w, "class     %s\neventlog  %v\n", m.GetName(), m.GetRequireEventLog())
+		for _, p := range m.GetPcrs() {
+			fmt.Fprintf(w, "pcr %-5d %x\n", p.GetIndex(), p.GetSha256())
+		}
+	case *coffrev1.KeyringPolicy:
+		fmt.Fprintf(w, "keyring        %s\nallow-class    %s\nrequire-label  %s\nrelease        %s\n",
+			m.GetKeyring(), strings.Join(m.GetAllowedClasses(), ","), mapFlag(m.GetRequiredLabels()).String(), releaseName(m.GetRelease()))
 	default:
 		return fmt.Errorf("cannot print %T", m)
 	}
@@ -120,6 +147,34 @@ func printKeyring(w io.Writer, k *coffrev1.Keyring) error {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", v.GetVersion(), stateName(v.GetState()), stamp(v.GetCreateTime().AsTime()), v.GetRootId())
 	}
 	return tw.Flush()
+}
+
+func printNode(w io.Writer, n *coffrev1.Node) {
+	fmt.Fprintf(w, "node      %s\nclass     %s\nstate     %s\nlabels    %s\nek        %s\nenrolled  %s\n",
+		n.GetName(), n.GetClass(), nodeState(n.GetState()), mapFlag(n.GetLabels()).String(), n.GetEkFingerprint(), stamp(n.GetEnrollTime().AsTime()))
+	if n.GetRevokeTime() != nil {
+		fmt.Fprintf(w, "revoked   %s\n", stamp(n.GetRevokeTime().AsTime()))
+	}
+}
+
+func nodeState(s coffrev1.NodeState) string {
+	switch s {
+	case coffrev1.NodeState_NODE_STATE_ENROLLED:
+		return "enrolled"
+	case coffrev1.NodeState_NODE_STATE_REVOKED:
+		return "revoked"
+	}
+	return s.String()
+}
+
+func releaseName(r coffrev1.Release) string {
+	switch r {
+	case coffrev1.Release_RELEASE_HPKE:
+		return "hpke"
+	case coffrev1.Release_RELEASE_TPM:
+		return "tpm"
+	}
+	return r.String()
 }
 
 func stateName(s coffrev1.KeyState) string {

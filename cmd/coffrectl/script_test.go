@@ -1,19 +1,14 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 
+	"github.com/coffre-kms/coffre/cmd/internal/devtest"
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 )
 
@@ -30,7 +25,7 @@ func TestMain(m *testing.M) {
 // CA, bbolt), with the variables of its env file — exactly what an operator
 // has after `. var/dev/env`.
 func TestScripts(t *testing.T) {
-	env := startDevServer(t)
+	env := devtest.Start(t).Env
 
 	// A second, empty token for the ceremony script, in its own SoftHSM.
 	hs := hsmtest.NewSoftHSM(t)
@@ -46,84 +41,13 @@ func TestScripts(t *testing.T) {
 			e.Setenv("ADDR", env["COFFRE_ADDR"])
 			e.Setenv("ROOT2", root2)
 			e.Setenv("CEREMONY_SOFTHSM2_CONF", hs.ConfPath)
+			// Evidence recorded from tpm2-tools, for verify-quote.txtar.
+			tpm2tools, err := filepath.Abs(filepath.Join("..", "..", "testdata", "tpm2-tools"))
+			if err != nil {
+				return err
+			}
+			e.Setenv("TPM2TOOLS", tpm2tools)
 			return nil
 		},
 	})
-}
-
-var listeningRE = regexp.MustCompile(`listening on (\S+)`)
-
-// startDevServer builds coffred, runs `coffred dev` in a temporary directory
-// on a free port and returns the variables of the env file it writes.
-func startDevServer(t *testing.T) map[string]string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "coffred")
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		t.Fatalf("the go command is needed to build coffred for this test: %v", err)
-	}
-	build := exec.Command(gobin, "build", "-o", bin, "../coffred")
-	build.Env = append(os.Environ(), "CGO_ENABLED=1")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build coffred: %v\n%s", err, out)
-	}
-	dir := filepath.Join(t.TempDir(), "dev")
-	cmd := exec.Command(bin, "dev", "--dir", dir, "--listen", "127.0.0.1:0")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("coffred dev did not exit cleanly: %v", err)
-			}
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			t.Error("coffred dev ignored SIGTERM for 20s")
-		}
-	})
-	listening := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if m := listeningRE.FindStringSubmatch(sc.Text()); m != nil {
-				select {
-				case listening <- m[1]:
-				default:
-				}
-			}
-		}
-	}()
-	select {
-	case <-listening:
-	case <-time.After(60 * time.Second):
-		t.Fatal("coffred dev printed no 'listening on' line within 60s")
-	}
-	data, err := os.ReadFile(filepath.Join(dir, "env"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := map[string]string{}
-	for _, line := range strings.Split(string(data), "\n") {
-		for _, f := range strings.Fields(strings.TrimPrefix(line, "export ")) {
-			if k, v, ok := strings.Cut(f, "="); ok {
-				env[k] = strings.Trim(v, `'"`)
-			}
-		}
-	}
-	for _, k := range []string{"COFFRE_ADDR", "COFFRE_CA", "COFFRE_CERT", "COFFRE_KEY"} {
-		if env[k] == "" {
-			t.Fatalf("env file lacks %s:\n%s", k, data)
-		}
-	}
-	return env
 }

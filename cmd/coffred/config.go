@@ -76,16 +76,31 @@ const (
 //	keepalive.ping_timeout       and closes it if no answer within, 1s..10m (default "20s")
 //	keepalive.max_connection_idle  close connections idle for, 1s..24h (default "15m")
 //	keepalive.max_connection_age   close connections older than, "0s" (never) or 1s..720h (default "0s")
+//	attestation.session_ttl      how long a session lasts after attestation, 1m..24h (default "10m")
+//	attestation.challenge_ttl    how long a challenge waits for its evidence, 5s..10m (default "1m")
+//	attestation.max_sessions     sessions held in memory, 1..1000000 (default 10000)
+//	attestation.max_challenges   challenges outstanding, 1..1000000 (default 10000)
+//	attestation.challenges_per_ek_per_minute  per-TPM challenge rate, 1..6000 (default 30)
 //	log.level                    "debug", "info", "warn" or "error" (default "info")
 type Config struct {
-	Listen    string
-	TLS       TLSConfig
-	HSM       HSMConfig
-	Store     StoreConfig
-	KEKCache  KEKCacheConfig
-	Limits    LimitsConfig
-	Keepalive KeepaliveConfig
-	Log       LogConfig
+	Listen      string
+	TLS         TLSConfig
+	HSM         HSMConfig
+	Store       StoreConfig
+	KEKCache    KEKCacheConfig
+	Limits      LimitsConfig
+	Keepalive   KeepaliveConfig
+	Attestation AttestationConfig
+	Log         LogConfig
+}
+
+// AttestationConfig bounds attestation and the sessions it yields.
+type AttestationConfig struct {
+	SessionTTL      time.Duration
+	ChallengeTTL    time.Duration
+	MaxSessions     int
+	MaxChallenges   int
+	ChallengesPerEK int
 }
 
 // TLSConfig holds the loaded TLS material and the files it came from.
@@ -142,14 +157,23 @@ type LogConfig struct {
 // The raw file form. Every field is a pointer so that "absent" (take the
 // default) differs from a zero written on purpose.
 type rawConfig struct {
-	Listen    *string       `json:"listen"`
-	TLS       *rawTLS       `json:"tls"`
-	HSM       *rawHSM       `json:"hsm"`
-	Store     *rawStore     `json:"store"`
-	KEKCache  *rawKEKCache  `json:"kek_cache"`
-	Limits    *rawLimits    `json:"limits"`
-	Keepalive *rawKeepalive `json:"keepalive"`
-	Log       *rawLog       `json:"log"`
+	Listen      *string         `json:"listen"`
+	TLS         *rawTLS         `json:"tls"`
+	HSM         *rawHSM         `json:"hsm"`
+	Store       *rawStore       `json:"store"`
+	KEKCache    *rawKEKCache    `json:"kek_cache"`
+	Limits      *rawLimits      `json:"limits"`
+	Keepalive   *rawKeepalive   `json:"keepalive"`
+	Attestation *rawAttestation `json:"attestation"`
+	Log         *rawLog         `json:"log"`
+}
+
+type rawAttestation struct {
+	SessionTTL      *rawDuration `json:"session_ttl"`
+	ChallengeTTL    *rawDuration `json:"challenge_ttl"`
+	MaxSessions     *int64       `json:"max_sessions"`
+	MaxChallenges   *int64       `json:"max_challenges"`
+	ChallengesPerEK *int64       `json:"challenges_per_ek_per_minute"`
 }
 
 type rawTLS struct {
@@ -506,6 +530,15 @@ func (r *rawConfig) validate(baseDir string, now time.Time) (*Config, error) {
 	}
 	if age := c.Keepalive.MaxConnectionAge; age > 0 && age < time.Second {
 		v.fail("keepalive.max_connection_age", "must be 0s (never) or at least 1s, not %s", age)
+	}
+
+	at := orZero(r.Attestation)
+	c.Attestation = AttestationConfig{
+		SessionTTL:      v.duration("attestation.session_ttl", at.SessionTTL, 10*time.Minute, time.Minute, 24*time.Hour),
+		ChallengeTTL:    v.duration("attestation.challenge_ttl", at.ChallengeTTL, time.Minute, 5*time.Second, 10*time.Minute),
+		MaxSessions:     int(v.intRange("attestation.max_sessions", at.MaxSessions, 10_000, 1, 1_000_000)),
+		MaxChallenges:   int(v.intRange("attestation.max_challenges", at.MaxChallenges, 10_000, 1, 1_000_000)),
+		ChallengesPerEK: int(v.intRange("attestation.challenges_per_ek_per_minute", at.ChallengesPerEK, 30, 1, 6000)),
 	}
 
 	lg := orZero(r.Log)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
+	"github.com/coffre-kms/coffre/kms"
 )
 
 // "coffred dev" sets up a development environment in one directory and
@@ -48,6 +49,10 @@ type devOptions struct {
 	dir    string // as given, for the messages a user copies
 	listen string // empty: as in coffred.json
 	module string
+	// nodeTPM, when set, is the TPM spec of the simulated node whose
+	// identity `coffre-agent identity` wrote to DIR/node; it is enrolled
+	// and written to DIR/env as COFFRE_TPM.
+	nodeTPM string
 }
 
 // devEnv is the set of files prepareDev made or found.
@@ -101,6 +106,7 @@ flags:
 	fs.StringVar(&o.dir, "dir", "", "the dev environment `directory` (created if missing, reused if not)")
 	fs.StringVar(&o.listen, "listen", "", "`host:port` to serve on; port 0 picks a free port (default: listen in DIR/coffred.json, written as "+defaultListen+")")
 	fs.StringVar(&o.module, "module", defaultSoftHSMModule, "the SoftHSM2 PKCS#11 module `path`")
+	fs.StringVar(&o.nodeTPM, "node-tpm", "", "`SPEC` of a simulated node TPM (e.g. simulator:SEED) whose identity is in DIR/node: enroll it and export COFFRE_TPM")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return exitOK
@@ -136,15 +142,27 @@ flags:
 		cfg.Listen = o.listen
 	}
 	log = newLogger(stderr, cfg.Log.Level)
-	err = serve(ctx, cfg, log, func(addr string) error {
-		if err := env.writeShellEnv(addr); err != nil {
+	var setup func(context.Context, *kms.Service, *kms.ReleaseService) error
+	if o.nodeTPM != "" {
+		setup = devNodeSetup(filepath.Join(env.dir, "node"), stdout)
+	}
+	err = serve(ctx, cfg, log, setup, func(addr string) error {
+		if err := env.writeShellEnv(addr, o.nodeTPM); err != nil {
 			return err
 		}
 		if err := announce(stdout)(addr); err != nil {
 			return err
 		}
-		_, err := fmt.Fprintf(stdout, "coffred dev: try: . %s && %s keyring create %s\n",
-			shellQuote(filepath.Join(env.shownDir, "env")), coffrectlCommand(), devTryKeyring)
+		envFile := shellQuote(filepath.Join(env.shownDir, "env"))
+		if _, err := fmt.Fprintf(stdout, "coffred dev: try: . %s && %s keyring create %s\n",
+			envFile, binCommand("coffrectl"), devTryKeyring); err != nil {
+			return err
+		}
+		if o.nodeTPM == "" {
+			return nil
+		}
+		_, err := fmt.Fprintf(stdout, "coffred dev: try: . %s && %s datakey --keyring %s --context volume=v1 --out-wrapped %s\n",
+			envFile, binCommand("coffre-agent"), devNodeKeyring, shellQuote(filepath.Join(env.shownDir, "demo-key.json")))
 		return err
 	})
 	if err != nil {
@@ -334,11 +352,14 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 
 // writeShellEnv writes DIR/env, the variables coffrectl and coffre-agent
 // read, with the address actually bound.
-func (e *devEnv) writeShellEnv(addr string) error {
+func (e *devEnv) writeShellEnv(addr, nodeTPM string) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Written by coffred dev; load it with: . %s\n", shellQuote(e.envFile))
 	fmt.Fprintf(&b, "export COFFRE_ADDR=%s COFFRE_CA=%s COFFRE_CERT=%s COFFRE_KEY=%s SOFTHSM2_CONF=%s\n",
 		shellQuote(addr), shellQuote(e.caFile), shellQuote(e.adminCert), shellQuote(e.adminKey), shellQuote(e.softhsmConf))
+	if nodeTPM != "" {
+		fmt.Fprintf(&b, "export COFFRE_TPM=%s\n", shellQuote(nodeTPM))
+	}
 	return writeFileAtomic(e.envFile, []byte(b.String()), 0o644)
 }
 
@@ -382,11 +403,11 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-// coffrectlCommand is how the user should call coffrectl: the binary "make"
-// builds if it is there, else whatever is on PATH.
-func coffrectlCommand() string {
-	if fi, err := os.Stat(filepath.Join("bin", "coffrectl")); err == nil && fi.Mode().IsRegular() {
-		return "bin/coffrectl"
+// binCommand is how the user should call one of Coffre's commands: the
+// binary "make" builds if it is there, else whatever is on PATH.
+func binCommand(name string) string {
+	if fi, err := os.Stat(filepath.Join("bin", name)); err == nil && fi.Mode().IsRegular() {
+		return "bin/" + name
 	}
-	return "coffrectl"
+	return name
 }

@@ -97,7 +97,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	}
 	log := newLogger(stderr, cfg.Log.Level)
-	if err := serve(ctx, cfg, log, announce(stdout)); err != nil {
+	if err := serve(ctx, cfg, log, nil, announce(stdout)); err != nil {
 		log.Error("coffred stopped", "err", err)
 		return exitError
 	}

@@ -20,11 +20,13 @@ import (
 	"github.com/coffre-kms/coffre/kms/store"
 )
 
-// serve opens the store, the HSM root and the kms service that cfg names,
+// serve opens the store, the HSM root and the kms services that cfg names,
 // serves until ctx ends, then shuts down gracefully. listened is called once
 // the listener is bound, with its address (port 0 resolved), before any
 // call is served.
-func serve(ctx context.Context, cfg *Config, log *slog.Logger, listened func(addr string) error) (err error) {
+// setup, when not nil, runs once the services exist and before anything is
+// served (the dev environment enrolls its simulated node there).
+func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(context.Context, *kms.Service, *kms.ReleaseService) error, listened func(addr string) error) (err error) {
 	// Resources are released in the reverse order of acquisition, the kms
 	// service first so that its KEK cache is zeroized before the root that
 	// unwrapped those KEKs goes away.
@@ -62,10 +64,29 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, listened func(add
 	}
 	closers = append(closers, svc.Close)
 
+	rel, err := kms.NewReleaseService(svc, kms.ReleaseConfig{
+		SessionTTL:      cfg.Attestation.SessionTTL,
+		ChallengeTTL:    cfg.Attestation.ChallengeTTL,
+		MaxSessions:     cfg.Attestation.MaxSessions,
+		MaxChallenges:   cfg.Attestation.MaxChallenges,
+		ChallengesPerEK: cfg.Attestation.ChallengesPerEK,
+		Logger:          log,
+	})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, rel.Close)
+	if setup != nil {
+		if err := setup(ctx, svc, rel); err != nil {
+			return err
+		}
+	}
+
 	srv := server.New(svc, server.Options{
 		MaxCallTimeout: cfg.Limits.MaxCallTimeout,
 		Logger:         log,
 		AdminCAs:       cfg.TLS.AdminCAs,
+		Release:        rel,
 	})
 	g := grpc.NewServer(append(srv.ServerOptions(), grpcOptions(cfg)...)...)
 	srv.Register(g)
