@@ -1,0 +1,50 @@
+package audit
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// BenchmarkAppend64 measures durable appends with 64 concurrent writers
+// (group commit): entries/s and the p99 latency of one Append.
+func BenchmarkAppend64(b *testing.B) {
+	const writers = 64
+	l := openTestLog(b, testOptions(b, b.TempDir()))
+	ctx := context.Background()
+	var next atomic.Int64
+	lat := make([][]time.Duration, writers)
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for next.Add(1) <= int64(b.N) {
+				e := testEntry(w)
+				t0 := time.Now()
+				if _, err := l.Append(ctx, e); err != nil {
+					b.Error(err)
+					return
+				}
+				lat[w] = append(lat[w], time.Since(t0))
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	all := slices.Concat(lat...)
+	slices.Sort(all)
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "entries/s")
+	if len(all) > 0 {
+		b.ReportMetric(float64(all[len(all)*99/100].Microseconds()), "p99-µs")
+		b.ReportMetric(float64(all[len(all)/2].Microseconds()), "p50-µs")
+	}
+	st := l.Stats()
+	if st.Fsyncs > 0 {
+		b.ReportMetric(float64(b.N)/float64(st.Fsyncs), "entries/fsync")
+	}
+}

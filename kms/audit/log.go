@@ -1,0 +1,894 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Sentinel errors. Callers match them with errors.Is.
+var (
+	// ErrUnavailable: the log cannot be written (disk full, read-only,
+	// I/O error). The entry was not acknowledged; the operation that needed
+	// it must be refused. The log retries by itself and resumes when
+	// writing works again; Healthy reports the condition meanwhile.
+	ErrUnavailable = errors.New("audit: log unavailable")
+	// ErrClosed: the log has been closed.
+	ErrClosed = errors.New("audit: log closed")
+	// ErrTampered: Open found a log that does not match its own latest
+	// checkpoint (rolled back, edited, entries deleted or reordered, or the
+	// checkpoint forged). Open changes nothing in that case; run VerifyDir
+	// to locate the damage.
+	ErrTampered = errors.New("audit: log fails its checkpoint")
+)
+
+// File names inside Options.Dir.
+const (
+	entriesFile      = "entries"
+	checkpointsFile  = "checkpoints"
+	cosignaturesFile = "cosignatures"
+	lockFile         = "lock"
+)
+
+// Options configure [Open].
+type Options struct {
+	Dir    string // the log's directory, created 0700 if absent
+	Node   string // this Coffre node's id, written into every entry
+	Origin string // the checkpoint origin line, e.g. "coffre.example/node-1"
+	Signer *Signer
+	// CheckpointInterval: a checkpoint is published at least this often
+	// while the log grows (default 1s).
+	CheckpointInterval time.Duration
+	// CheckpointEvery: a checkpoint is also published every this many
+	// entries (default 1000).
+	CheckpointEvery uint64
+	Logger          *slog.Logger // default slog.Default()
+	Now             func() time.Time
+}
+
+// Record is one entry as stored: its index, canonical bytes and parsed form.
+type Record struct {
+	Index uint64
+	Raw   []byte // canonical bytes, what the Merkle tree hashes
+	Entry *Entry
+}
+
+// Stats are counters for metrics and tests.
+type Stats struct {
+	Entries uint64 // entries in the log
+	Batches uint64 // group commits that succeeded
+	Fsyncs  uint64 // fsync calls on the entries file, including failed ones
+}
+
+type appendReq struct {
+	e    Entry
+	raw  []byte // canonical encoding with Index 0, made by the caller
+	done chan error
+}
+
+// indexPrefix is how every canonical entry with Index 0 begins; the
+// committer splices the real index in (see appendEntryRecord), so that the
+// JSON encoding runs in the callers' goroutines, in parallel.
+var indexPrefix = fmt.Appendf(nil, `{"v":%d,"index":0`, EntryVersion)
+
+// appendEntryRecord appends the record of raw (a canonical entry with
+// Index 0) re-encoded with the given index, and returns the new buffer and
+// the record's payload.
+func appendEntryRecord(buf, raw []byte, index uint64) ([]byte, []byte) {
+	digits := strconv.AppendUint(make([]byte, 0, 20), index, 10)
+	rest := raw[len(indexPrefix):]
+	n := len(indexPrefix) - 1 + len(digits) + len(rest)
+	buf = binary.BigEndian.AppendUint32(buf, uint32(n)) // #nosec G115 -- bounded by MaxEntrySize
+	start := len(buf)
+	buf = append(buf, indexPrefix[:len(indexPrefix)-1]...)
+	buf = append(buf, digits...)
+	buf = append(buf, rest...)
+	return buf, buf[start:]
+}
+
+// Log is one node's append-only audit log. Its methods are safe for
+// concurrent use.
+type Log struct {
+	opts     Options
+	log      *slog.Logger
+	verifier *Verifier
+	lock     *os.File
+	rf       *os.File // read handle on the entries file
+	cpf      *os.File // checkpoints file (cpMu)
+	cof      *os.File // cosignatures file (coMu)
+
+	// openEntries opens the entries file for writing. Tests replace it to
+	// simulate an unwritable log (see failWritesForTest).
+	openEntries func() (*os.File, error)
+
+	mu        sync.RWMutex
+	wf        *os.File // write handle, used by the committer and the probe
+	tree      *tree
+	offsets   []int64 // offsets[i]: where record i starts
+	end       int64   // end of the durable records
+	grown     chan struct{}
+	failed    error // non-nil: ErrUnavailable wrapping the cause
+	latest    Checkpoint
+	cpErr     error
+	recovered int64
+	torn      *tornError // found by Open
+
+	qmu    sync.Mutex
+	queue  []*appendReq
+	closed bool
+	qsig   chan struct{}
+
+	cpMu      sync.Mutex
+	cpEnd     int64
+	coMu      sync.Mutex
+	cpTrigger chan struct{}
+
+	batches, fsyncs atomic.Uint64
+	probing         atomic.Bool
+
+	stopCommit chan struct{}
+	stop       chan struct{}
+	commitDone chan struct{}
+	wg         sync.WaitGroup
+	closeOnce  sync.Once
+	closeErr   error
+}
+
+// Open creates or opens the log in opts.Dir. It scans the entries file,
+// reports and truncates a torn tail (see [Log.Recovered]), rebuilds the
+// Merkle tree, and checks that the latest stored checkpoint verifies and
+// matches the rebuilt tree at its size; if not, the log was rolled back or
+// edited and Open fails.
+func Open(opts Options) (*Log, error) {
+	switch {
+	case opts.Dir == "":
+		return nil, errors.New("audit: Options.Dir is empty")
+	case opts.Node == "":
+		return nil, errors.New("audit: Options.Node is empty")
+	case !validOrigin(opts.Origin):
+		return nil, fmt.Errorf("audit: Options.Origin %q is empty or has a newline", opts.Origin)
+	case opts.Signer == nil:
+		return nil, errors.New("audit: Options.Signer is nil")
+	}
+	if opts.CheckpointInterval <= 0 {
+		opts.CheckpointInterval = time.Second
+	}
+	if opts.CheckpointEvery == 0 {
+		opts.CheckpointEvery = 1000
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	l := &Log{
+		opts:       opts,
+		log:        opts.Logger.With("component", "audit", "dir", opts.Dir),
+		verifier:   opts.Signer.Verifier(),
+		tree:       newTree(),
+		grown:      make(chan struct{}),
+		qsig:       make(chan struct{}, 1),
+		cpTrigger:  make(chan struct{}, 1),
+		stopCommit: make(chan struct{}),
+		stop:       make(chan struct{}),
+		commitDone: make(chan struct{}),
+	}
+	path := filepath.Join(opts.Dir, entriesFile)
+	l.openEntries = func() (*os.File, error) { return os.OpenFile(path, os.O_RDWR, 0) } // #nosec G304 -- path from configuration
+	ok := false
+	defer func() {
+		if !ok {
+			_ = l.closeFiles()
+		}
+	}()
+	var err error
+	if l.lock, err = lockDir(filepath.Join(opts.Dir, lockFile)); err != nil {
+		return nil, err
+	}
+	if fi, err := os.Stat(opts.Dir); err == nil && fi.Mode().Perm()&0o022 != 0 {
+		l.log.Warn("audit log directory is writable by group or others", "mode", fi.Mode().Perm().String())
+	}
+	if l.wf, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err != nil { // #nosec G304 -- path from configuration
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if l.rf, err = os.Open(path); err != nil { // #nosec G304 -- path from configuration
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if err := l.loadEntries(); err != nil {
+		return nil, err
+	}
+	cpPath := filepath.Join(opts.Dir, checkpointsFile)
+	if l.cpf, err = os.OpenFile(cpPath, os.O_RDWR|os.O_CREATE, 0o600); err != nil { // #nosec G304 -- path from configuration
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if l.cof, err = os.OpenFile(filepath.Join(opts.Dir, cosignaturesFile), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600); err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if err := syncLogDir(opts.Dir); err != nil { // the files just created, if any
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if err := l.loadCheckpoints(); err != nil {
+		return nil, err
+	}
+	if err := l.cutTornTail(); err != nil {
+		return nil, err
+	}
+	if l.cpEnd, err = l.repairRecords(l.cpf, checkpointsFile); err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if _, err = l.repairRecords(l.cof, cosignaturesFile); err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if l.latest.Note == nil {
+		if err := l.publish(); err != nil {
+			return nil, fmt.Errorf("audit: first checkpoint: %w", err)
+		}
+	}
+	ok = true
+	l.wg.Add(1)
+	go l.checkpointer()
+	go l.committer()
+	return l, nil
+}
+
+// loadEntries scans the entries file and rebuilds the tree from the whole
+// entries. A torn tail is only noted (l.torn): it is cut once the stored
+// checkpoint has been checked, so that a log that fails the check is left
+// as it was found.
+func (l *Log) loadEntries() error {
+	if _, err := l.rf.Seek(0, io.SeekStart); err != nil {
+		return fmt.Errorf("audit: %w", err)
+	}
+	_, end, err := scanEntries(l.rf, func(i uint64, off int64, raw []byte, _ *Entry) error {
+		l.offsets = append(l.offsets, off)
+		l.tree.appendLeaf(LeafHash(raw))
+		return nil
+	})
+	if te, torn := isTorn(err); torn {
+		l.torn = te
+		end = te.Offset
+	} else if err != nil {
+		var ie *indexError
+		if errors.As(err, &ie) {
+			return fmt.Errorf("%w: entries file edited: %v (deleted or reordered entries)", ErrTampered, ie)
+		}
+		return fmt.Errorf("audit: reading entries: %w", err)
+	}
+	l.end = end
+	return nil
+}
+
+// cutTornTail reports a torn tail, keeps its bytes in a side file and
+// truncates the entries file to the last whole entry.
+func (l *Log) cutTornTail() error {
+	te := l.torn
+	if te == nil {
+		return nil
+	}
+	fi, err := l.wf.Stat()
+	if err != nil {
+		return fmt.Errorf("audit: %w", err)
+	}
+	dropped := fi.Size() - te.Offset
+	saved, err := l.saveTorn(te.Offset, dropped)
+	if err != nil {
+		return fmt.Errorf("audit: saving torn tail: %w", err)
+	}
+	l.log.Warn("audit log: torn tail truncated",
+		"offset", te.Offset, "bytes_dropped", dropped, "entries_kept", l.tree.size(), "reason", te.Reason, "saved_to", saved)
+	if err := l.wf.Truncate(te.Offset); err != nil {
+		return fmt.Errorf("audit: truncating torn tail: %w", err)
+	}
+	if err := l.wf.Sync(); err != nil {
+		return fmt.Errorf("audit: %w", err)
+	}
+	l.recovered = dropped
+	return nil
+}
+
+// repairRecords truncates a torn record at the end of a checkpoints or
+// cosignatures file (written when the node stopped, never acknowledged).
+func (l *Log) repairRecords(f *os.File, what string) (int64, error) {
+	end, err := scanRecords(io.NewSectionReader(f, 0, 1<<62), maxNoteSize, func(int64, []byte) error { return nil })
+	te, torn := isTorn(err)
+	if !torn {
+		return end, err
+	}
+	l.log.Warn("audit log: torn record truncated", "file", what, "offset", te.Offset, "reason", te.Reason)
+	if err := f.Truncate(te.Offset); err != nil {
+		return 0, err
+	}
+	return end, f.Sync()
+}
+
+// saveTorn copies the bytes about to be truncated to a side file, so that
+// recovery destroys nothing.
+func (l *Log) saveTorn(off, n int64) (string, error) {
+	b := make([]byte, n)
+	if _, err := l.rf.ReadAt(b, off); err != nil && err != io.EOF {
+		return "", err
+	}
+	name := filepath.Join(l.opts.Dir, fmt.Sprintf("entries.torn-%d-%d", off, l.opts.Now().UnixNano()))
+	if err := os.WriteFile(name, b, 0o600); err != nil {
+		return "", err
+	}
+	return name, syncLogDir(l.opts.Dir)
+}
+
+// loadCheckpoints finds the latest stored checkpoint and checks it against
+// the rebuilt tree.
+func (l *Log) loadCheckpoints() error {
+	var last []byte
+	count := 0
+	_, err := scanRecords(io.NewSectionReader(l.cpf, 0, 1<<62), maxNoteSize, func(_ int64, rec []byte) error {
+		last = append(last[:0], rec...)
+		count++
+		return nil
+	})
+	if _, torn := isTorn(err); err != nil && !torn {
+		return fmt.Errorf("audit: reading checkpoints: %w", err)
+	}
+	if count == 0 {
+		if l.tree.size() > 0 {
+			return fmt.Errorf("%w: the log has %d entries but no checkpoint (checkpoints file removed?)", ErrTampered, l.tree.size())
+		}
+		return nil
+	}
+	cp, err := ParseCheckpoint(last, l.verifier)
+	if err != nil {
+		return fmt.Errorf("%w: latest checkpoint: %w", ErrTampered, err)
+	}
+	if cp.Origin != l.opts.Origin {
+		return fmt.Errorf("audit: latest checkpoint has origin %q, configured %q", cp.Origin, l.opts.Origin)
+	}
+	if cp.Size > l.tree.size() {
+		if l.torn != nil {
+			return fmt.Errorf("%w: latest checkpoint covers %d entries but only %d whole entries precede a bad record at offset %d (%s): the log was damaged or edited; nothing was changed",
+				ErrTampered, cp.Size, l.tree.size(), l.torn.Offset, l.torn.Reason)
+		}
+		return fmt.Errorf("%w: latest checkpoint covers %d entries but the log has %d: the log was rolled back or truncated", ErrTampered, cp.Size, l.tree.size())
+	}
+	root, err := l.tree.root(cp.Size)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(root, cp.Root) {
+		return fmt.Errorf("%w: the first %d entries do not match the latest checkpoint's root: the log was edited", ErrTampered, cp.Size)
+	}
+	l.latest = cp
+	return nil
+}
+
+// Append adds e to the log and returns its index once it is durable
+// (written and fsynced). It sets e.Version, e.Index and e.Node (and e.Time
+// if zero). Concurrent calls share one write and one fsync.
+//
+// If the log cannot be written the error wraps [ErrUnavailable]. If ctx
+// ends first Append returns ctx.Err() and the entry may or may not be
+// written later: the caller must treat it as not logged.
+func (l *Log) Append(ctx context.Context, e *Entry) (uint64, error) {
+	if e == nil {
+		return 0, fmt.Errorf("%w: nil entry", ErrEntry)
+	}
+	req := &appendReq{e: *e, done: make(chan error, 1)}
+	if req.e.Time.IsZero() {
+		req.e.Time = l.opts.Now()
+	}
+	req.e.Version, req.e.Index, req.e.Node = EntryVersion, 0, l.opts.Node
+	raw, err := req.e.MarshalCanonical()
+	if err != nil {
+		return 0, err
+	}
+	if len(raw)+20 > MaxEntrySize {
+		return 0, fmt.Errorf("%w: %d bytes, more than %d", ErrEntry, len(raw), MaxEntrySize)
+	}
+	if !bytes.HasPrefix(raw, indexPrefix) {
+		return 0, fmt.Errorf("%w: unexpected canonical encoding", ErrEntry) // EntryVersion changed without this code
+	}
+	req.raw = raw
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	if err := l.Healthy(); err != nil {
+		return 0, err
+	}
+	l.qmu.Lock()
+	if l.closed {
+		l.qmu.Unlock()
+		return 0, ErrClosed
+	}
+	l.queue = append(l.queue, req)
+	l.qmu.Unlock()
+	select {
+	case l.qsig <- struct{}{}:
+	default:
+	}
+	select {
+	case err := <-req.done:
+		if err != nil {
+			return 0, err
+		}
+		e.Version, e.Index, e.Node, e.Time = req.e.Version, req.e.Index, req.e.Node, req.e.Time
+		return req.e.Index, nil
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+func (l *Log) committer() {
+	defer close(l.commitDone)
+	var buf []byte
+	for {
+		stopping := false
+		select {
+		case <-l.qsig:
+		case <-l.stopCommit:
+			stopping = true
+		}
+		for {
+			l.qmu.Lock()
+			batch := l.queue
+			l.queue = nil
+			l.qmu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			buf = l.commit(batch, buf[:0])
+			if !stopping {
+				break
+			}
+		}
+		if stopping {
+			return
+		}
+	}
+}
+
+// commit writes and fsyncs one batch and releases its callers.
+func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
+	l.mu.RLock()
+	failed, base, off, wf := l.failed, l.tree.size(), l.end, l.wf
+	l.mu.RUnlock()
+	if failed != nil {
+		for _, r := range batch {
+			r.done <- failed
+		}
+		return buf
+	}
+	leaves := make([][]byte, len(batch))
+	starts := make([]int64, len(batch))
+	for k, r := range batch {
+		r.e.Index = base + uint64(k)
+		starts[k] = off + int64(len(buf))
+		var payload []byte
+		buf, payload = appendEntryRecord(buf, r.raw, r.e.Index)
+		leaves[k] = LeafHash(payload)
+	}
+	_, err := wf.WriteAt(buf, off)
+	if err == nil {
+		l.fsyncs.Add(1)
+		err = wf.Sync()
+	}
+	if err != nil {
+		ferr := l.fail(err)
+		for _, r := range batch {
+			r.done <- ferr
+		}
+		return buf
+	}
+	l.batches.Add(1)
+	l.mu.Lock()
+	before := l.tree.size()
+	for _, h := range leaves {
+		l.tree.appendLeaf(h)
+	}
+	l.offsets = append(l.offsets, starts...)
+	l.end = off + int64(len(buf))
+	after := l.tree.size()
+	close(l.grown)
+	l.grown = make(chan struct{})
+	l.mu.Unlock()
+	for _, r := range batch {
+		r.done <- nil
+	}
+	if before/l.opts.CheckpointEvery != after/l.opts.CheckpointEvery {
+		select {
+		case l.cpTrigger <- struct{}{}:
+		default:
+		}
+	}
+	return buf
+}
+
+// fail puts the log in the failed state and starts the probe.
+func (l *Log) fail(cause error) error {
+	err := fmt.Errorf("%w: %w", ErrUnavailable, cause)
+	l.mu.Lock()
+	l.failed = err
+	l.mu.Unlock()
+	l.log.Error("audit log unwritable: refusing appends until it recovers", "err", cause)
+	if l.probing.CompareAndSwap(false, true) {
+		l.wg.Add(1)
+		go l.probe()
+	}
+	return err
+}
+
+// probeInterval is how often a failed log retries writing.
+var probeInterval = 500 * time.Millisecond
+
+// probe retries until the entries file can be reopened, truncated to the
+// last durable record (dropping any partial batch) and synced; the log
+// then resumes.
+func (l *Log) probe() {
+	defer l.wg.Done()
+	defer l.probing.Store(false)
+	t := time.NewTicker(probeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		l.mu.RLock()
+		end := l.end
+		l.mu.RUnlock()
+		f, err := l.openEntries()
+		if err == nil {
+			err = f.Truncate(end)
+			if err == nil {
+				l.fsyncs.Add(1)
+				err = f.Sync()
+			}
+			if err != nil {
+				_ = f.Close()
+			}
+		}
+		if err != nil {
+			l.log.Debug("audit log still unwritable", "err", err)
+			continue
+		}
+		l.mu.Lock()
+		old := l.wf
+		l.wf = f
+		l.failed = nil
+		l.mu.Unlock()
+		_ = old.Close()
+		l.log.Info("audit log writable again; appends resume", "size", l.Size())
+		return
+	}
+}
+
+// Healthy returns nil if the log accepts appends, else an error wrapping
+// [ErrUnavailable] (with the cause, e.g. an *os.PathError), or [ErrClosed].
+func (l *Log) Healthy() error {
+	l.mu.RLock()
+	failed := l.failed
+	l.mu.RUnlock()
+	if failed != nil {
+		return failed
+	}
+	l.qmu.Lock()
+	defer l.qmu.Unlock()
+	if l.closed {
+		return ErrClosed
+	}
+	return nil
+}
+
+// CheckpointHealth returns the last error writing a checkpoint, nil once a
+// checkpoint is written again. Appends do not depend on it.
+func (l *Log) CheckpointHealth() error {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.cpErr
+}
+
+// Recovered returns how many bytes of torn tail Open truncated (0 if none).
+// The bytes are kept in a file "entries.torn-<offset>-<time>" beside the log.
+func (l *Log) Recovered() (truncatedBytes int64) { return l.recovered }
+
+// Stats returns counters for metrics.
+func (l *Log) Stats() Stats {
+	return Stats{Entries: l.Size(), Batches: l.batches.Load(), Fsyncs: l.fsyncs.Load()}
+}
+
+// Size returns the number of durable entries.
+func (l *Log) Size() uint64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.tree.size()
+}
+
+// Wait returns nil once Size() > size, or ctx's error, or ErrClosed.
+func (l *Log) Wait(ctx context.Context, size uint64) error {
+	for {
+		l.mu.RLock()
+		n, ch := l.tree.size(), l.grown
+		l.mu.RUnlock()
+		if n > size {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-l.stop:
+			return ErrClosed
+		}
+	}
+}
+
+// Read returns up to max durable records from index from (none if from ≥
+// Size()).
+func (l *Log) Read(ctx context.Context, from uint64, max int) ([]Record, error) {
+	if max <= 0 {
+		return nil, fmt.Errorf("audit: Read: max %d", max)
+	}
+	l.mu.RLock()
+	size := l.tree.size()
+	if from >= size {
+		l.mu.RUnlock()
+		return nil, ctx.Err()
+	}
+	n := min(uint64(max), size-from)
+	start, end := l.offsets[from], l.end
+	if from+n < size {
+		end = l.offsets[from+n]
+	}
+	l.mu.RUnlock()
+	buf := make([]byte, end-start)
+	if _, err := l.rf.ReadAt(buf, start); err != nil {
+		return nil, fmt.Errorf("audit: read: %w", err)
+	}
+	out := make([]Record, 0, n)
+	_, err := scanRecords(bytes.NewReader(buf), MaxEntrySize, func(_ int64, raw []byte) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		raw = bytes.Clone(raw)
+		e, err := ParseEntry(raw)
+		if err != nil {
+			return err
+		}
+		idx := from + uint64(len(out))
+		if e.Index != idx {
+			return fmt.Errorf("%w: record %d has index %d", ErrEntry, idx, e.Index)
+		}
+		out = append(out, Record{Index: idx, Raw: raw, Entry: e})
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("audit: read: entries file changed under the log: %w", err)
+	}
+	return out, nil
+}
+
+// InclusionProof returns the proof that entry index is in the tree of the
+// given size.
+func (l *Log) InclusionProof(index, size uint64) ([][]byte, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.tree.inclusion(index, size)
+}
+
+// ConsistencyProof returns the proof that the tree of size to extends the
+// tree of size from.
+func (l *Log) ConsistencyProof(from, to uint64) ([][]byte, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.tree.consistency(from, to)
+}
+
+// Root returns the root hash of the tree of the given size.
+func (l *Log) Root(size uint64) ([]byte, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.tree.root(size)
+}
+
+// Checkpoint returns the latest published checkpoint. It is at most
+// CheckpointInterval behind the log.
+func (l *Log) Checkpoint() (Checkpoint, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.latest.Note == nil {
+		return Checkpoint{}, errors.New("audit: no checkpoint yet")
+	}
+	c := l.latest
+	c.Root, c.Note = bytes.Clone(c.Root), bytes.Clone(c.Note)
+	return c, nil
+}
+
+// PublishCheckpoint publishes a checkpoint of the current size now (if the
+// log grew since the latest) and returns the latest checkpoint.
+func (l *Log) PublishCheckpoint() (Checkpoint, error) {
+	if err := l.publish(); err != nil {
+		return Checkpoint{}, err
+	}
+	return l.Checkpoint()
+}
+
+// Verifier returns the verifier of the log's checkpoints.
+func (l *Log) Verifier() *Verifier { return l.verifier }
+
+func (l *Log) checkpointer() {
+	defer l.wg.Done()
+	t := time.NewTicker(l.opts.CheckpointInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		case <-l.cpTrigger:
+		}
+		if err := l.publish(); err != nil {
+			l.log.Error("audit log: cannot publish checkpoint", "err", err)
+		}
+	}
+}
+
+// publish signs and stores a checkpoint of the current size if it differs
+// from the latest one.
+func (l *Log) publish() error {
+	l.cpMu.Lock()
+	defer l.cpMu.Unlock()
+	l.mu.RLock()
+	size := l.tree.size()
+	if l.latest.Note != nil && l.latest.Size == size {
+		l.mu.RUnlock()
+		return nil
+	}
+	root, err := l.tree.root(size)
+	l.mu.RUnlock()
+	if err != nil {
+		return err
+	}
+	cp, err := signCheckpoint(l.opts.Signer, l.opts.Origin, size, root)
+	if err != nil {
+		return err
+	}
+	rec := appendRecord(nil, cp.Note)
+	_, err = l.cpf.WriteAt(rec, l.cpEnd)
+	if err == nil {
+		err = l.cpf.Sync()
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err != nil {
+		l.cpErr = fmt.Errorf("%w: checkpoint: %w", ErrUnavailable, err)
+		return l.cpErr
+	}
+	l.cpEnd += int64(len(rec))
+	l.cpErr = nil
+	l.latest = cp
+	return nil
+}
+
+// AddCosignature stores a witness's cosignature of one of this log's
+// checkpoints. note is the checkpoint note with the witness's signature
+// lines appended (next.Note followed by the output of [Cosign]). It must
+// carry this log's valid signatures and match the log at its size; the
+// other signature lines are stored, beside the checkpoints, as they are:
+// whoever trusts the witness checks them with the witness's verifier.
+func (l *Log) AddCosignature(note []byte) error {
+	cp, err := ParseCheckpoint(note, l.verifier)
+	if err != nil {
+		return err
+	}
+	if cp.Origin != l.opts.Origin {
+		return fmt.Errorf("%w: origin %q is not this log's", ErrCheckpoint, cp.Origin)
+	}
+	root, err := l.Root(cp.Size)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrCheckpoint, err)
+	}
+	if !bytes.Equal(root, cp.Root) {
+		return fmt.Errorf("%w: root does not match this log at size %d", ErrCheckpoint, cp.Size)
+	}
+	_, sigs, err := splitNote(note)
+	if err != nil {
+		return err
+	}
+	var lines []byte
+	for _, s := range sigs {
+		if s.name == l.verifier.name && (s.id == l.verifier.edID || s.id == l.verifier.mlID) {
+			continue
+		}
+		lines = append(lines, s.line...)
+	}
+	if len(lines) == 0 {
+		return fmt.Errorf("%w: no cosignature in the note", ErrCheckpoint)
+	}
+	rec := appendRecord(nil, append(strconv.AppendUint(nil, cp.Size, 10), append([]byte{'\n'}, lines...)...))
+	l.coMu.Lock()
+	defer l.coMu.Unlock()
+	if _, err := l.cof.Write(rec); err != nil {
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	if err := l.cof.Sync(); err != nil {
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Cosignatures returns the stored cosignature lines (each "— name sig\n")
+// for the checkpoint of the given size, in the order they were added.
+func (l *Log) Cosignatures(size uint64) ([][]byte, error) {
+	l.coMu.Lock()
+	defer l.coMu.Unlock()
+	var out [][]byte
+	_, err := scanRecords(io.NewSectionReader(l.cof, 0, 1<<62), maxNoteSize, func(_ int64, rec []byte) error {
+		sz, lines, ok := bytes.Cut(rec, []byte("\n"))
+		if !ok || string(sz) != strconv.FormatUint(size, 10) {
+			return nil
+		}
+		for line := range bytes.Lines(lines) {
+			out = append(out, bytes.Clone(line))
+		}
+		return nil
+	})
+	if _, torn := isTorn(err); err != nil && !torn {
+		return nil, fmt.Errorf("audit: cosignatures: %w", err)
+	}
+	return out, nil
+}
+
+// Close commits the queued appends, publishes a final checkpoint and stops
+// the log's goroutines. Appends after Close fail with [ErrClosed].
+func (l *Log) Close() error {
+	l.closeOnce.Do(func() {
+		l.qmu.Lock()
+		l.closed = true
+		l.qmu.Unlock()
+		close(l.stopCommit)
+		<-l.commitDone
+		close(l.stop)
+		l.wg.Wait()
+		l.mu.RLock()
+		failed := l.failed
+		l.mu.RUnlock()
+		if failed == nil {
+			l.closeErr = l.publish()
+		}
+		l.closeErr = errors.Join(l.closeErr, l.closeFiles())
+	})
+	return l.closeErr
+}
+
+func (l *Log) closeFiles() error {
+	var errs []error
+	for _, f := range []*os.File{l.wf, l.rf, l.cpf, l.cof, l.lock} {
+		if f != nil {
+			if err := f.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func syncLogDir(dir string) error {
+	d, err := os.Open(dir) // #nosec G304 -- the log's own directory
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
