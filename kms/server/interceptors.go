@@ -116,51 +116,75 @@ func (s *Server) observeStream(srv any, ss grpc.ServerStream, info *grpc.StreamS
 // admin CA pool, on purpose: the TLS pool may one day hold other CAs (for
 // attested nodes), and an admin right must never follow from that.
 func (s *Server) adminGate(ctx context.Context) (string, error) {
+	if s.adminCAs == nil {
+		if subject, err := s.verifyClient(ctx, nil, "admin"); err != nil {
+			return subject, err
+		}
+		return "", status.Error(codes.PermissionDenied, "no admin CA is configured; AdminService is closed")
+	}
+	return s.verifyClient(ctx, s.adminCAs, "admin")
+}
+
+// verifyClient checks the TLS client certificate of the call against pool
+// for the given role ("admin", "auditor"). A nil pool checks only that a
+// verified clientAuth certificate was presented.
+func (s *Server) verifyClient(ctx context.Context, pool *x509.CertPool, role string) (string, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return "", status.Error(codes.Unauthenticated, "AdminService requires mutual TLS with an admin client certificate")
+		return "", status.Errorf(codes.Unauthenticated, "this service requires mutual TLS with an %s client certificate", role)
 	}
 	ti, ok := p.AuthInfo.(credentials.TLSInfo)
 	if !ok {
-		return "", status.Error(codes.Unauthenticated, "AdminService requires mutual TLS with an admin client certificate; this connection is not TLS")
+		return "", status.Errorf(codes.Unauthenticated, "this service requires mutual TLS with an %s client certificate; this connection is not TLS", role)
 	}
 	st := ti.State
 	if len(st.PeerCertificates) == 0 {
-		return "", status.Error(codes.Unauthenticated, "AdminService requires an admin client certificate; none was presented")
+		return "", status.Errorf(codes.Unauthenticated, "this service requires an %s client certificate; none was presented", role)
 	}
 	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
-		return "", status.Error(codes.Unauthenticated, "AdminService requires an admin client certificate; the one presented was not verified")
+		return "", status.Errorf(codes.Unauthenticated, "this service requires an %s client certificate; the one presented was not verified", role)
 	}
 	leaf := st.VerifiedChains[0][0]
 	subject := leaf.Subject.String()
 	if !slices.Contains(leaf.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
-		return subject, status.Errorf(codes.PermissionDenied, "client certificate %q is not an admin certificate: it lacks the clientAuth extended key usage", subject)
+		return subject, status.Errorf(codes.PermissionDenied, "client certificate %q is not an %s certificate: it lacks the clientAuth extended key usage", subject, role)
 	}
-	if s.adminCAs == nil {
-		return subject, status.Error(codes.PermissionDenied, "no admin CA is configured; AdminService is closed")
+	if pool == nil {
+		return subject, nil
 	}
 	inter := x509.NewCertPool()
 	for _, c := range st.PeerCertificates[1:] {
 		inter.AddCert(c)
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{
-		Roots:         s.adminCAs,
+		Roots:         pool,
 		Intermediates: inter,
 		CurrentTime:   s.now(),
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}); err != nil {
-		return subject, status.Errorf(codes.PermissionDenied, "client certificate %q is not issued by the admin CA", subject)
+		return subject, status.Errorf(codes.PermissionDenied, "client certificate %q is not issued by the %s CA", subject, role)
 	}
 	return subject, nil
 }
 
 func (s *Server) gate(ctx context.Context, method string) error {
-	if !strings.HasPrefix(method, adminPrefix) {
+	var (
+		subject string
+		err     error
+	)
+	switch {
+	case strings.HasPrefix(method, adminPrefix):
+		subject, err = s.adminGate(ctx)
+	case strings.HasPrefix(method, auditPrefix):
+		subject, err = s.auditorGate(ctx)
+	default:
 		return nil
 	}
-	subject, err := s.adminGate(ctx)
 	if ci := callInfoFrom(ctx); ci != nil && subject != "" {
 		ci.admin = subject
+	}
+	if err != nil {
+		s.auditGateRefusal(ctx, method, subject, err)
 	}
 	return err
 }
@@ -184,7 +208,7 @@ func (s *Server) adminGateStream(srv any, ss grpc.ServerStream, info *grpc.Strea
 // A missing deadline is the caller's mistake, hence InvalidArgument: a
 // client that forgets one would otherwise wait for ever on a stuck HSM.
 func (s *Server) withDeadline(ctx context.Context, method string) (context.Context, context.CancelFunc, error) {
-	if strings.HasPrefix(method, healthPrefix) {
+	if strings.HasPrefix(method, healthPrefix) || method == streamMethod {
 		return ctx, func() {}, nil
 	}
 	dl, ok := ctx.Deadline()

@@ -52,6 +52,7 @@ import (
 	"context"
 	"crypto/x509"
 	"log/slog"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -59,6 +60,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/audit"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -82,6 +84,13 @@ type Options struct {
 	// grant admin rights. Nil refuses every AdminService call: the safe
 	// default when nobody said who the admins are.
 	AdminCAs *x509.CertPool
+	// Audit is the node's audit log: every AdminService call is recorded
+	// in it before it runs (and refused if it cannot be), and AuditService
+	// serves it. Nil disables both.
+	Audit *audit.Log
+	// AuditorCAs issue the client certificates of auditors (AuditService).
+	// Nil refuses every AuditService call.
+	AuditorCAs *x509.CertPool
 	// Release serves AttestService, KeyService and the release-state
 	// methods of AdminService. The caller keeps ownership and closes it
 	// after the grpc.Server has stopped. Nil refuses those calls.
@@ -97,6 +106,10 @@ type Server struct {
 	adminCAs       *x509.CertPool
 	health         *health.Server
 	now            func() time.Time
+	audit          *audit.Log
+	auditorCAs     *x509.CertPool
+	stopHealth     chan struct{}
+	stopOnce       sync.Once
 }
 
 // New returns a Server over svc. The caller keeps ownership of svc and
@@ -110,6 +123,9 @@ func New(svc *kms.Service, opts Options) *Server {
 		adminCAs:       opts.AdminCAs,
 		health:         health.NewServer(),
 		now:            time.Now,
+		audit:          opts.Audit,
+		auditorCAs:     opts.AuditorCAs,
+		stopHealth:     make(chan struct{}),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -128,6 +144,10 @@ func (s *Server) Register(g *grpc.Server) {
 	coffrev1.RegisterAdminServiceServer(g, &adminService{s: s})
 	coffrev1.RegisterAttestServiceServer(g, &attestService{s: s})
 	coffrev1.RegisterKeyServiceServer(g, &keyService{s: s})
+	if s.audit != nil {
+		coffrev1.RegisterAuditServiceServer(g, &auditService{s: s})
+		go s.watchAuditHealth(s.stopHealth)
+	}
 	healthpb.RegisterHealthServer(g, s.health)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	for _, name := range []string{
@@ -143,6 +163,7 @@ func (s *Server) Register(g *grpc.Server) {
 // health probes stop sending new calls while the grpc.Server stops
 // gracefully.
 func (s *Server) Drain() {
+	s.stopOnce.Do(func() { close(s.stopHealth) })
 	s.health.Shutdown()
 }
 
@@ -150,7 +171,7 @@ func (s *Server) Drain() {
 // and logging, the admin gate, the deadline rule), for grpc.NewServer.
 func (s *Server) ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(s.observeUnary, s.adminGateUnary, s.deadlineUnary),
+		grpc.ChainUnaryInterceptor(s.observeUnary, s.adminGateUnary, s.deadlineUnary, s.auditAdminUnary),
 		grpc.ChainStreamInterceptor(s.observeStream, s.adminGateStream, s.deadlineStream),
 	}
 }

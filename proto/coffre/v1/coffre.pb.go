@@ -86,7 +86,9 @@ type Release int32
 
 const (
 	Release_RELEASE_UNSPECIFIED Release = 0
-	// Sealed with HPKE (X-Wing) to the session's binding key.
+	// Sealed under the session release key, which the server shares with the
+	// node once per session by HPKE (X-Wing) to the attested binding key
+	// (SessionSealed).
 	Release_RELEASE_HPKE Release = 1
 	// As a TPM duplicate blob under the node's EK with PolicyPCR: only that
 	// TPM, in the class's PCR state, can import and unseal it.
@@ -566,8 +568,8 @@ type SealedKey struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Seal:
 	//
-	//	*SealedKey_Hpke
 	//	*SealedKey_Tpm
+	//	*SealedKey_Session
 	Seal          isSealedKey_Seal `protobuf_oneof:"seal"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -610,15 +612,6 @@ func (x *SealedKey) GetSeal() isSealedKey_Seal {
 	return nil
 }
 
-func (x *SealedKey) GetHpke() *HPKESealed {
-	if x != nil {
-		if x, ok := x.Seal.(*SealedKey_Hpke); ok {
-			return x.Hpke
-		}
-	}
-	return nil
-}
-
 func (x *SealedKey) GetTpm() *TPMDuplicate {
 	if x != nil {
 		if x, ok := x.Seal.(*SealedKey_Tpm); ok {
@@ -628,13 +621,17 @@ func (x *SealedKey) GetTpm() *TPMDuplicate {
 	return nil
 }
 
-type isSealedKey_Seal interface {
-	isSealedKey_Seal()
+func (x *SealedKey) GetSession() *SessionSealed {
+	if x != nil {
+		if x, ok := x.Seal.(*SealedKey_Session); ok {
+			return x.Session
+		}
+	}
+	return nil
 }
 
-type SealedKey_Hpke struct {
-	// HPKE (X-Wing) to the session's binding key.
-	Hpke *HPKESealed `protobuf:"bytes,1,opt,name=hpke,proto3,oneof"`
+type isSealedKey_Seal interface {
+	isSealedKey_Seal()
 }
 
 type SealedKey_Tpm struct {
@@ -642,34 +639,48 @@ type SealedKey_Tpm struct {
 	Tpm *TPMDuplicate `protobuf:"bytes,2,opt,name=tpm,proto3,oneof"`
 }
 
-func (*SealedKey_Hpke) isSealedKey_Seal() {}
+type SealedKey_Session struct {
+	// AES-256-GCM under the session release key (RELEASE_HPKE keyrings).
+	Session *SessionSealed `protobuf:"bytes,3,opt,name=session,proto3,oneof"`
+}
 
 func (*SealedKey_Tpm) isSealedKey_Seal() {}
 
-type HPKESealed struct {
+func (*SealedKey_Session) isSealedKey_Seal() {}
+
+// SessionSealed is a data key sealed under the session release key K: the
+// 32-byte key both sides export from the HPKE context set up at Complete
+// (see CompleteResponse.session_enc). The seal is
+// AES-256-GCM(K, nonce = 0x00000000 || seq as 8 bytes big-endian,
+// plaintext = data key, aad = "coffre release v1" || len(envelope) as 4
+// bytes big-endian || envelope): a sealed key presented with another
+// envelope, or under another session, does not open. kms/ENVELOPE.md,
+// "Release sealing", is the specification.
+type SessionSealed struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The HPKE suite, e.g. "X-Wing/HKDF-SHA256/AES-256-GCM".
-	Suite         string `protobuf:"bytes,1,opt,name=suite,proto3" json:"suite,omitempty"`
-	Enc           []byte `protobuf:"bytes,2,opt,name=enc,proto3" json:"enc,omitempty"`
-	Ciphertext    []byte `protobuf:"bytes,3,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	// The release's number in its session, from 1; never repeated within a
+	// session, at most 2^32 (the session must then attest again).
+	Seq uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// The sealed data key and its 16-byte tag (48 bytes).
+	Ciphertext    []byte `protobuf:"bytes,2,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *HPKESealed) Reset() {
-	*x = HPKESealed{}
+func (x *SessionSealed) Reset() {
+	*x = SessionSealed{}
 	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *HPKESealed) String() string {
+func (x *SessionSealed) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*HPKESealed) ProtoMessage() {}
+func (*SessionSealed) ProtoMessage() {}
 
-func (x *HPKESealed) ProtoReflect() protoreflect.Message {
+func (x *SessionSealed) ProtoReflect() protoreflect.Message {
 	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
@@ -681,26 +692,19 @@ func (x *HPKESealed) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use HPKESealed.ProtoReflect.Descriptor instead.
-func (*HPKESealed) Descriptor() ([]byte, []int) {
+// Deprecated: Use SessionSealed.ProtoReflect.Descriptor instead.
+func (*SessionSealed) Descriptor() ([]byte, []int) {
 	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{8}
 }
 
-func (x *HPKESealed) GetSuite() string {
+func (x *SessionSealed) GetSeq() uint64 {
 	if x != nil {
-		return x.Suite
+		return x.Seq
 	}
-	return ""
+	return 0
 }
 
-func (x *HPKESealed) GetEnc() []byte {
-	if x != nil {
-		return x.Enc
-	}
-	return nil
-}
-
-func (x *HPKESealed) GetCiphertext() []byte {
+func (x *SessionSealed) GetCiphertext() []byte {
 	if x != nil {
 		return x.Ciphertext
 	}
@@ -2202,11 +2206,20 @@ func (x *CompleteRequest) GetBindingPublicKey() []byte {
 type CompleteResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Opaque; sent as metadata "coffre-session" on KeyService calls.
-	SessionToken  string                 `protobuf:"bytes,1,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
-	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
-	Node          string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
-	NodeClass     string                 `protobuf:"bytes,4,opt,name=node_class,json=nodeClass,proto3" json:"node_class,omitempty"`
-	Labels        map[string]string      `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	SessionToken string                 `protobuf:"bytes,1,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	ExpireTime   *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	Node         string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	NodeClass    string                 `protobuf:"bytes,4,opt,name=node_class,json=nodeClass,proto3" json:"node_class,omitempty"`
+	Labels       map[string]string      `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The HPKE encapsulation (X-Wing ciphertext, 1,120 bytes) that sets up
+	// the session's release key. The server ran HPKE base mode to the
+	// verified binding_public_key once, with suite X-Wing / HKDF-SHA256 /
+	// AES-256-GCM and info "coffre session v1", and exported the 32-byte
+	// release key K with exporter context "coffre release key v1". The node
+	// sets up the receiver with this enc and its binding private key and
+	// exports the same K, which opens the session's SessionSealed keys. Not
+	// secret: only the binding private key turns it into K.
+	SessionEnc    []byte `protobuf:"bytes,6,opt,name=session_enc,json=sessionEnc,proto3" json:"session_enc,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2276,6 +2289,13 @@ func (x *CompleteResponse) GetLabels() map[string]string {
 	return nil
 }
 
+func (x *CompleteResponse) GetSessionEnc() []byte {
+	if x != nil {
+		return x.SessionEnc
+	}
+	return nil
+}
+
 var File_coffre_v1_coffre_proto protoreflect.FileDescriptor
 
 const file_coffre_v1_coffre_proto_rawDesc = "" +
@@ -2305,17 +2325,15 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x14ListKeyringsResponse\x12.\n" +
 	"\bkeyrings\x18\x01 \x03(\v2\x12.coffre.v1.KeyringR\bkeyrings\"&\n" +
 	"\x14RotateKeyringRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"m\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x82\x01\n" +
 	"\tSealedKey\x12+\n" +
-	"\x04hpke\x18\x01 \x01(\v2\x15.coffre.v1.HPKESealedH\x00R\x04hpke\x12+\n" +
-	"\x03tpm\x18\x02 \x01(\v2\x17.coffre.v1.TPMDuplicateH\x00R\x03tpmB\x06\n" +
-	"\x04seal\"T\n" +
+	"\x03tpm\x18\x02 \x01(\v2\x17.coffre.v1.TPMDuplicateH\x00R\x03tpm\x124\n" +
+	"\asession\x18\x03 \x01(\v2\x18.coffre.v1.SessionSealedH\x00R\asessionB\x06\n" +
+	"\x04sealJ\x04\b\x01\x10\x02R\x04hpke\"A\n" +
+	"\rSessionSealed\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1e\n" +
 	"\n" +
-	"HPKESealed\x12\x14\n" +
-	"\x05suite\x18\x01 \x01(\tR\x05suite\x12\x10\n" +
-	"\x03enc\x18\x02 \x01(\fR\x03enc\x12\x1e\n" +
-	"\n" +
-	"ciphertext\x18\x03 \x01(\fR\n" +
+	"ciphertext\x18\x02 \x01(\fR\n" +
 	"ciphertext\"d\n" +
 	"\fTPMDuplicate\x12\x1c\n" +
 	"\tduplicate\x18\x01 \x01(\fR\tduplicate\x12\x1e\n" +
@@ -2434,7 +2452,7 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\tsignature\x18\x05 \x01(\fR\tsignature\x12'\n" +
 	"\x04pcrs\x18\x06 \x03(\v2\x13.coffre.v1.PCRValueR\x04pcrs\x12\x1b\n" +
 	"\tevent_log\x18\a \x01(\fR\beventLog\x12,\n" +
-	"\x12binding_public_key\x18\b \x01(\fR\x10bindingPublicKey\"\xa3\x02\n" +
+	"\x12binding_public_key\x18\b \x01(\fR\x10bindingPublicKey\"\xc4\x02\n" +
 	"\x10CompleteResponse\x12#\n" +
 	"\rsession_token\x18\x01 \x01(\tR\fsessionToken\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
@@ -2442,7 +2460,9 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x04node\x18\x03 \x01(\tR\x04node\x12\x1d\n" +
 	"\n" +
 	"node_class\x18\x04 \x01(\tR\tnodeClass\x12?\n" +
-	"\x06labels\x18\x05 \x03(\v2'.coffre.v1.CompleteResponse.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\x05 \x03(\v2'.coffre.v1.CompleteResponse.LabelsEntryR\x06labels\x12\x1f\n" +
+	"\vsession_enc\x18\x06 \x01(\fR\n" +
+	"sessionEnc\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*V\n" +
@@ -2508,7 +2528,7 @@ var file_coffre_v1_coffre_proto_goTypes = []any{
 	(*ListKeyringsResponse)(nil),    // 8: coffre.v1.ListKeyringsResponse
 	(*RotateKeyringRequest)(nil),    // 9: coffre.v1.RotateKeyringRequest
 	(*SealedKey)(nil),               // 10: coffre.v1.SealedKey
-	(*HPKESealed)(nil),              // 11: coffre.v1.HPKESealed
+	(*SessionSealed)(nil),           // 11: coffre.v1.SessionSealed
 	(*TPMDuplicate)(nil),            // 12: coffre.v1.TPMDuplicate
 	(*GenerateDataKeyRequest)(nil),  // 13: coffre.v1.GenerateDataKeyRequest
 	(*GenerateDataKeyResponse)(nil), // 14: coffre.v1.GenerateDataKeyResponse
@@ -2551,8 +2571,8 @@ var file_coffre_v1_coffre_proto_depIdxs = []int32{
 	46, // 2: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
 	3,  // 3: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
 	4,  // 4: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
-	11, // 5: coffre.v1.SealedKey.hpke:type_name -> coffre.v1.HPKESealed
-	12, // 6: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
+	12, // 5: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
+	11, // 6: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
 	38, // 7: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
 	10, // 8: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
 	39, // 9: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
@@ -2621,8 +2641,8 @@ func file_coffre_v1_coffre_proto_init() {
 		return
 	}
 	file_coffre_v1_coffre_proto_msgTypes[7].OneofWrappers = []any{
-		(*SealedKey_Hpke)(nil),
 		(*SealedKey_Tpm)(nil),
+		(*SealedKey_Session)(nil),
 	}
 	file_coffre_v1_coffre_proto_msgTypes[26].OneofWrappers = []any{
 		(*EnrollNodeRequest_EkCertificate)(nil),

@@ -711,8 +711,8 @@ const (
 //
 // KeyService releases data keys to attested nodes. Every call carries the
 // session token established by AttestService in the request metadata
-// "coffre-session"; the data key comes back sealed to the session's binding
-// key (or as a TPM duplicate blob), never in the clear.
+// "coffre-session"; the data key comes back sealed under the session's
+// release key (or as a TPM duplicate blob), never in the clear.
 type KeyServiceClient interface {
 	// GenerateDataKey makes a fresh data key under the keyring's primary KEK.
 	GenerateDataKey(ctx context.Context, in *GenerateDataKeyRequest, opts ...grpc.CallOption) (*GenerateDataKeyResponse, error)
@@ -767,8 +767,8 @@ func (c *keyServiceClient) ReEncrypt(ctx context.Context, in *ReEncryptRequest, 
 //
 // KeyService releases data keys to attested nodes. Every call carries the
 // session token established by AttestService in the request metadata
-// "coffre-session"; the data key comes back sealed to the session's binding
-// key (or as a TPM duplicate blob), never in the clear.
+// "coffre-session"; the data key comes back sealed under the session's
+// release key (or as a TPM duplicate blob), never in the clear.
 type KeyServiceServer interface {
 	// GenerateDataKey makes a fresh data key under the keyring's primary KEK.
 	GenerateDataKey(context.Context, *GenerateDataKeyRequest) (*GenerateDataKeyResponse, error)
