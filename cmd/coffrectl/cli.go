@@ -62,6 +62,7 @@ func commands() []*command {
 	cs := append(keyringCommands(), ceremonyCommands()...)
 	cs = append(cs, attestCommands()...)
 	cs = append(cs, enrollmentCommands()...)
+	cs = append(cs, auditCommands()...)
 	sort.Slice(cs, func(i, j int) bool { return cs[i].path < cs[j].path })
 	return cs
 }

@@ -59,6 +59,8 @@ const (
 //	tls.cert_file                server certificate chain (PEM), leaf first
 //	tls.key_file                 its private key (PEM); must not be readable by every user
 //	tls.admin_client_ca_file     CA certificates (PEM) that issue admin client certificates
+//	tls.auditor_client_ca_file   CA certificates (PEM) that issue auditor client certificates
+//	                             (AuditService); optional: without it AuditService is closed
 //	hsm.root_key                 the root key, an RFC 7512 pkcs11: URI with module-path and
 //	                             pin-source=file:/abs/path (a pin-value is refused)
 //	hsm.sessions                 PKCS#11 sessions in the pool, 1..64 (default 4)
@@ -81,6 +83,12 @@ const (
 //	attestation.max_sessions     sessions held in memory, 1..1000000 (default 10000)
 //	attestation.max_challenges   challenges outstanding, 1..1000000 (default 10000)
 //	attestation.challenges_per_ek_per_minute  per-TPM challenge rate, 1..6000 (default 30)
+//	audit.dir                    the audit log's directory (created if missing; its parent must exist)
+//	audit.signer_key_file        the checkpoint signer's private key (Ed25519 + ML-DSA-65), mode 0600
+//	audit.node_id                this node's id in every entry (default: the host name)
+//	audit.origin                 the checkpoints' origin line (default "coffre/" + node_id)
+//	audit.checkpoint_interval    publish a checkpoint at least this often when the log grew, 100ms..1h (default "1s")
+//	audit.checkpoint_every       and every this many entries, 1..10000000 (default 1000)
 //	log.level                    "debug", "info", "warn" or "error" (default "info")
 type Config struct {
 	Listen      string
@@ -91,7 +99,18 @@ type Config struct {
 	Limits      LimitsConfig
 	Keepalive   KeepaliveConfig
 	Attestation AttestationConfig
+	Audit       AuditConfig
 	Log         LogConfig
+}
+
+// AuditConfig locates the node's audit log and its checkpoint signer.
+type AuditConfig struct {
+	Dir                string
+	SignerKeyFile      string
+	NodeID             string
+	Origin             string
+	CheckpointInterval time.Duration
+	CheckpointEvery    uint64
 }
 
 // AttestationConfig bounds attestation and the sessions it yields.
@@ -106,10 +125,14 @@ type AttestationConfig struct {
 // TLSConfig holds the loaded TLS material and the files it came from.
 type TLSConfig struct {
 	CertFile, KeyFile, AdminClientCAFile string
+	// AuditorClientCAFile is optional: without it AuditService is closed.
+	AuditorClientCAFile string
 	// Certificate is the server certificate chain and its key.
 	Certificate tls.Certificate
 	// AdminCAs issue admin client certificates.
 	AdminCAs *x509.CertPool
+	// AuditorCAs issue auditor client certificates (nil: no auditors).
+	AuditorCAs *x509.CertPool
 }
 
 // HSMConfig names the root key.
@@ -165,7 +188,17 @@ type rawConfig struct {
 	Limits      *rawLimits      `json:"limits"`
 	Keepalive   *rawKeepalive   `json:"keepalive"`
 	Attestation *rawAttestation `json:"attestation"`
+	Audit       *rawAudit       `json:"audit"`
 	Log         *rawLog         `json:"log"`
+}
+
+type rawAudit struct {
+	Dir                *string      `json:"dir"`
+	SignerKeyFile      *string      `json:"signer_key_file"`
+	NodeID             *string      `json:"node_id"`
+	Origin             *string      `json:"origin"`
+	CheckpointInterval *rawDuration `json:"checkpoint_interval"`
+	CheckpointEvery    *int64       `json:"checkpoint_every"`
 }
 
 type rawAttestation struct {
@@ -177,9 +210,10 @@ type rawAttestation struct {
 }
 
 type rawTLS struct {
-	CertFile          *string `json:"cert_file"`
-	KeyFile           *string `json:"key_file"`
-	AdminClientCAFile *string `json:"admin_client_ca_file"`
+	CertFile            *string `json:"cert_file"`
+	KeyFile             *string `json:"key_file"`
+	AdminClientCAFile   *string `json:"admin_client_ca_file"`
+	AuditorClientCAFile *string `json:"auditor_client_ca_file"`
 }
 
 type rawHSM struct {
@@ -372,7 +406,9 @@ func jsonErr(data []byte, err error) error {
 		line, col := lineCol(data, syn.Offset)
 		return fmt.Errorf("line %d, column %d: %v", line, col, syn)
 	}
-	if errors.Is(err, io.ErrUnexpectedEOF) {
+	// The token reader says io.EOF when the cut falls between tokens and
+	// io.ErrUnexpectedEOF when it falls inside one: the same mistake.
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 		return errors.New("the file ends in the middle of the JSON object")
 	}
 	return err
@@ -541,6 +577,8 @@ func (r *rawConfig) validate(baseDir string, now time.Time) (*Config, error) {
 		ChallengesPerEK: int(v.intRange("attestation.challenges_per_ek_per_minute", at.ChallengesPerEK, 30, 1, 6000)),
 	}
 
+	c.Audit = v.audit(orZero(r.Audit))
+
 	lg := orZero(r.Log)
 	switch lvl := v.str("log.level", lg.Level, "info", false); lvl {
 	case "debug":
@@ -629,21 +667,33 @@ func (v *validator) tls(r *rawTLS) TLSConfig {
 			c.Certificate = cert
 		}
 	}
-	if caPEM != nil {
-		cas, err := parseCertsPEM(caPEM)
-		if err != nil {
-			v.fail("tls.admin_client_ca_file", "%q: %v", c.AdminClientCAFile, err)
-		} else {
-			c.AdminCAs = x509.NewCertPool()
-			for _, ca := range cas {
-				if !ca.BasicConstraintsValid || !ca.IsCA {
-					v.fail("tls.admin_client_ca_file", "%q: certificate %q is not a CA certificate", c.AdminClientCAFile, ca.Subject.String())
-				}
-				c.AdminCAs.AddCert(ca)
-			}
-		}
+	c.AdminCAs = v.caPool("tls.admin_client_ca_file", c.AdminClientCAFile, caPEM)
+	if r.AuditorClientCAFile != nil {
+		var auditorPEM []byte
+		c.AuditorClientCAFile, auditorPEM = v.file("tls.auditor_client_ca_file", r.AuditorClientCAFile)
+		c.AuditorCAs = v.caPool("tls.auditor_client_ca_file", c.AuditorClientCAFile, auditorPEM)
 	}
 	return c
+}
+
+// caPool parses a file of CA certificates for a client-certificate role.
+func (v *validator) caPool(field, name string, data []byte) *x509.CertPool {
+	if data == nil {
+		return nil
+	}
+	cas, err := parseCertsPEM(data)
+	if err != nil {
+		v.fail(field, "%q: %v", name, err)
+		return nil
+	}
+	pool := x509.NewCertPool()
+	for _, ca := range cas {
+		if !ca.BasicConstraintsValid || !ca.IsCA {
+			v.fail(field, "%q: certificate %q is not a CA certificate", name, ca.Subject.String())
+		}
+		pool.AddCert(ca)
+	}
+	return pool
 }
 
 // parseCertsPEM parses every CERTIFICATE block; anything else in the file
@@ -734,5 +784,41 @@ func (v *validator) store(r *rawStore) StoreConfig {
 	default:
 		v.fail("store.engine", "unknown engine %q (want \"bbolt\")", c.Engine)
 	}
+	return c
+}
+
+func (v *validator) audit(r *rawAudit) AuditConfig {
+	var c AuditConfig
+	if c.Dir = v.str("audit.dir", r.Dir, "", true); c.Dir != "" {
+		c.Dir = v.abs(c.Dir)
+	}
+	if c.Dir != "" {
+		if fi, err := os.Stat(filepath.Dir(c.Dir)); err != nil || !fi.IsDir() {
+			v.fail("audit.dir", "%q: its parent directory does not exist", c.Dir)
+		}
+	}
+	if c.SignerKeyFile = v.str("audit.signer_key_file", r.SignerKeyFile, "", true); c.SignerKeyFile != "" {
+		c.SignerKeyFile = v.abs(c.SignerKeyFile)
+	}
+	if c.SignerKeyFile != "" {
+		fi, err := os.Stat(c.SignerKeyFile)
+		switch {
+		case err != nil:
+			v.fail("audit.signer_key_file", "%q: not readable: %v (coffred dev makes one; in production the key ceremony does)", c.SignerKeyFile, statReason(err))
+		case fi.Mode().Perm()&0o077 != 0:
+			v.fail("audit.signer_key_file", "%q is readable by others (mode %04o); make it 0600", c.SignerKeyFile, fi.Mode().Perm())
+		}
+	}
+	host, _ := os.Hostname()
+	c.NodeID = v.str("audit.node_id", r.NodeID, host, false)
+	if c.NodeID == "" || len(c.NodeID) > 128 || strings.ContainsAny(c.NodeID, " \t\n/") {
+		v.fail("audit.node_id", "%q: want 1 to 128 characters without spaces or slashes", c.NodeID)
+	}
+	c.Origin = v.str("audit.origin", r.Origin, "coffre/"+c.NodeID, false)
+	if c.Origin == "" || strings.ContainsAny(c.Origin, "\n") {
+		v.fail("audit.origin", "%q: want one non-empty line", c.Origin)
+	}
+	c.CheckpointInterval = v.duration("audit.checkpoint_interval", r.CheckpointInterval, time.Second, 100*time.Millisecond, time.Hour)
+	c.CheckpointEvery = uint64(v.intRange("audit.checkpoint_every", r.CheckpointEvery, 1000, 1, 10_000_000)) // #nosec G115 -- bounded to 1..1e7
 	return c
 }

@@ -19,6 +19,7 @@ type testFiles struct {
 	dir                             string
 	ca, serverCert, serverKey       string
 	adminCert, adminKey, pin, store string
+	auditDir, signerKey             string
 }
 
 func newTestFiles(t *testing.T) *testFiles {
@@ -33,6 +34,11 @@ func newTestFiles(t *testing.T) *testFiles {
 		adminKey:   filepath.Join(dir, "admin-key.pem"),
 		pin:        filepath.Join(dir, "pin"),
 		store:      filepath.Join(dir, "coffre.db"),
+		auditDir:   filepath.Join(dir, "audit"),
+		signerKey:  filepath.Join(dir, "audit-signer.key"),
+	}
+	if err := os.WriteFile(f.signerKey, []byte("not parsed by the config checks\n"), 0o600); err != nil {
+		t.Fatal(err)
 	}
 	now := time.Now()
 	ca, _, err := ensureCA(f.ca, filepath.Join(dir, "ca-key.pem"), now)
@@ -68,6 +74,7 @@ func (f *testFiles) valid() map[string]any {
 		},
 		"hsm":   map[string]any{"root_key": f.rootKey()},
 		"store": map[string]any{"engine": "bbolt", "path": f.store},
+		"audit": map[string]any{"dir": f.auditDir, "signer_key_file": f.signerKey},
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/audit"
 )
 
 // "coffred dev" sets up a development environment in one directory and
@@ -65,6 +66,7 @@ type devEnv struct {
 	serverCert, serverKey, caKey  string
 	pinFile, soPINFile, storePath string
 	envFile                       string
+	auditSigner                   string
 }
 
 func newDevEnv(dir, shown string) *devEnv {
@@ -84,6 +86,7 @@ func newDevEnv(dir, shown string) *devEnv {
 		soPINFile:   j("so-pin"),
 		storePath:   j("coffre.db"),
 		envFile:     j("env"),
+		auditSigner: j("audit-signer.key"),
 	}
 }
 
@@ -250,6 +253,20 @@ func prepareDev(ctx context.Context, o devOptions, stdout io.Writer, log *slog.L
 		}
 	}
 
+	if err := ensureAuditSigner(e.auditSigner, say); err != nil {
+		return nil, nil, err
+	}
+	if fileExists(e.configPath) && !hasSection(e.configPath, "audit") {
+		// A dev directory from before the audit log: rewrite its
+		// configuration, keeping its listen address.
+		if old, err := loadRawListen(e.configPath); err == nil && o.listen == "" {
+			o.listen = old
+		}
+		if err := os.Remove(e.configPath); err != nil {
+			return nil, nil, err
+		}
+		say("upgrading %s: adding the audit section", e.configPath)
+	}
 	if !fileExists(e.configPath) {
 		listen := o.listen
 		if listen == "" {
@@ -304,9 +321,16 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 	}).String()
 	// Structs rather than a map, so the file reads in the documented order.
 	type tlsSection struct {
-		CertFile          string `json:"cert_file"`
-		KeyFile           string `json:"key_file"`
-		AdminClientCAFile string `json:"admin_client_ca_file"`
+		CertFile            string `json:"cert_file"`
+		KeyFile             string `json:"key_file"`
+		AdminClientCAFile   string `json:"admin_client_ca_file"`
+		AuditorClientCAFile string `json:"auditor_client_ca_file"`
+	}
+	type auditSection struct {
+		Dir           string `json:"dir"`
+		SignerKeyFile string `json:"signer_key_file"`
+		NodeID        string `json:"node_id"`
+		Origin        string `json:"origin"`
 	}
 	type hsmSection struct {
 		RootKey  string `json:"root_key"`
@@ -330,12 +354,16 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 		HSM    hsmSection    `json:"hsm"`
 		Store  storeSection  `json:"store"`
 		Limits limitsSection `json:"limits"`
+		Audit  auditSection  `json:"audit"`
 		Log    logSection    `json:"log"`
 	}{
 		Listen: listen,
-		TLS:    tlsSection{CertFile: e.serverCert, KeyFile: e.serverKey, AdminClientCAFile: e.caFile},
-		HSM:    hsmSection{RootKey: rootKey, Sessions: 4},
-		Store:  storeSection{Engine: "bbolt", Path: e.storePath},
+		// One dev CA issues admin and auditor certificates alike; in
+		// production each role has its own CA.
+		TLS:   tlsSection{CertFile: e.serverCert, KeyFile: e.serverKey, AdminClientCAFile: e.caFile, AuditorClientCAFile: e.caFile},
+		Audit: auditSection{Dir: filepath.Join(e.dir, "audit"), SignerKeyFile: e.auditSigner, NodeID: "dev", Origin: "coffre-dev/dev"},
+		HSM:   hsmSection{RootKey: rootKey, Sessions: 4},
+		Store: storeSection{Engine: "bbolt", Path: e.storePath},
 		// A short grace: a developer's Ctrl-C should not wait long.
 		Limits: limitsSection{MaxMessageBytes: 1 << 20, MaxCallTimeout: "30s", ShutdownGrace: "5s"},
 		Log:    logSection{Level: "info"},
@@ -357,6 +385,8 @@ func (e *devEnv) writeShellEnv(addr, nodeTPM string) error {
 	fmt.Fprintf(&b, "# Written by coffred dev; load it with: . %s\n", shellQuote(e.envFile))
 	fmt.Fprintf(&b, "export COFFRE_ADDR=%s COFFRE_CA=%s COFFRE_CERT=%s COFFRE_KEY=%s SOFTHSM2_CONF=%s\n",
 		shellQuote(addr), shellQuote(e.caFile), shellQuote(e.adminCert), shellQuote(e.adminKey), shellQuote(e.softhsmConf))
+	fmt.Fprintf(&b, "export COFFRE_AUDIT_DIR=%s COFFRE_AUDIT_VERIFIER=%s\n",
+		shellQuote(filepath.Join(e.dir, "audit")), shellQuote(strings.TrimSuffix(e.auditSigner, ".key")+"-verifier.pub"))
 	if nodeTPM != "" {
 		fmt.Fprintf(&b, "export COFFRE_TPM=%s\n", shellQuote(nodeTPM))
 	}
@@ -410,4 +440,71 @@ func binCommand(name string) string {
 		return "bin/" + name
 	}
 	return name
+}
+
+// ensureAuditSigner makes the audit checkpoint signer of the dev
+// environment (Ed25519 + ML-DSA-65) if there is none. In production the key
+// is made in a ceremony and held by its node alone.
+func ensureAuditSigner(path string, say func(string, ...any)) error {
+	pub := strings.TrimSuffix(path, ".key") + "-verifier.pub"
+	if fileExists(path) {
+		if fileExists(pub) {
+			return nil
+		}
+		data, err := readLimited(path, 1<<20)
+		if err != nil {
+			return err
+		}
+		s, err := audit.ParseSigner(data)
+		clear(data)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		return writeFileAtomic(pub, s.Verifier().Marshal(), 0o644)
+	}
+	s, err := audit.GenerateSigner("coffre-dev")
+	if err != nil {
+		return err
+	}
+	b, err := s.MarshalPrivate()
+	if err != nil {
+		return err
+	}
+	defer clear(b)
+	if err := writeFileAtomic(path, b, 0o600); err != nil {
+		return err
+	}
+	if err := writeFileAtomic(pub, s.Verifier().Marshal(), 0o644); err != nil {
+		return err
+	}
+	say("made the audit checkpoint signer %s (public key %s)", path, pub)
+	return nil
+}
+
+// hasSection reports whether the JSON object in path has a top-level key.
+func hasSection(path, key string) bool {
+	data, err := readLimited(path, maxConfigBytes)
+	if err != nil {
+		return true // let loadConfig report it
+	}
+	var m map[string]json.RawMessage
+	if json.Unmarshal(data, &m) != nil {
+		return true
+	}
+	_, ok := m[key]
+	return ok
+}
+
+func loadRawListen(path string) (string, error) {
+	data, err := readLimited(path, maxConfigBytes)
+	if err != nil {
+		return "", err
+	}
+	var m struct {
+		Listen string `json:"listen"`
+	}
+	if err := json.Unmarshal(data, &m); err != nil {
+		return "", err
+	}
+	return m.Listen, nil
 }

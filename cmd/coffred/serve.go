@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/audit"
 	"github.com/coffre-kms/coffre/kms/server"
 	"github.com/coffre-kms/coffre/kms/store"
 )
@@ -64,7 +66,33 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 	}
 	closers = append(closers, svc.Close)
 
+	// The audit log opens before anything that decides: no decision is made
+	// that could not be recorded (invariant 3).
+	signerKey, err := readLimited(cfg.Audit.SignerKeyFile, 1<<20)
+	if err != nil {
+		return fmt.Errorf("audit.signer_key_file: %w", err)
+	}
+	signer, err := audit.ParseSigner(signerKey)
+	clear(signerKey)
+	if err != nil {
+		return fmt.Errorf("audit.signer_key_file %s: %w", cfg.Audit.SignerKeyFile, err)
+	}
+	auditLog, err := audit.Open(audit.Options{
+		Dir:                cfg.Audit.Dir,
+		Node:               cfg.Audit.NodeID,
+		Origin:             cfg.Audit.Origin,
+		Signer:             signer,
+		CheckpointInterval: cfg.Audit.CheckpointInterval,
+		CheckpointEvery:    cfg.Audit.CheckpointEvery,
+		Logger:             log,
+	})
+	if err != nil {
+		return fmt.Errorf("audit log %s: %w", cfg.Audit.Dir, err)
+	}
+	closers = append(closers, auditLog.Close)
+
 	rel, err := kms.NewReleaseService(svc, kms.ReleaseConfig{
+		Auditor:         kms.AuditLog{Log: auditLog},
 		SessionTTL:      cfg.Attestation.SessionTTL,
 		ChallengeTTL:    cfg.Attestation.ChallengeTTL,
 		MaxSessions:     cfg.Attestation.MaxSessions,
@@ -86,6 +114,8 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		MaxCallTimeout: cfg.Limits.MaxCallTimeout,
 		Logger:         log,
 		AdminCAs:       cfg.TLS.AdminCAs,
+		AuditorCAs:     cfg.TLS.AuditorCAs,
+		Audit:          auditLog,
 		Release:        rel,
 	})
 	g := grpc.NewServer(append(srv.ServerOptions(), grpcOptions(cfg)...)...)
@@ -142,7 +172,7 @@ func grpcOptions(cfg *Config) []grpc.ServerOption {
 		// probes work without one; if one is given it must verify against
 		// the admin CAs, and AdminService requires it (kms/server).
 		ClientAuth: tls.VerifyClientCertIfGiven,
-		ClientCAs:  cfg.TLS.AdminCAs,
+		ClientCAs:  clientCAs(cfg.TLS),
 	}
 	return []grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
@@ -173,4 +203,20 @@ func redactedKeyID(uri string) string {
 		return "the configured root key"
 	}
 	return u.KeyID()
+}
+
+// clientCAs is every CA whose client certificates the TLS layer accepts;
+// which role a certificate has is decided per service by kms/server, which
+// checks each chain against that role's own pool again.
+func clientCAs(c TLSConfig) *x509.CertPool {
+	if c.AuditorCAs == nil {
+		return c.AdminCAs
+	}
+	pool := x509.NewCertPool()
+	for _, f := range []string{c.AdminClientCAFile, c.AuditorClientCAFile} {
+		if data, err := readLimited(f, maxPEMBytes); err == nil {
+			pool.AppendCertsFromPEM(data)
+		}
+	}
+	return pool
 }

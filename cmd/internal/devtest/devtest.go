@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,12 +26,24 @@ type Server struct {
 	// Env holds the variables of DIR/env: COFFRE_ADDR, COFFRE_CA,
 	// COFFRE_CERT, COFFRE_KEY, SOFTHSM2_CONF.
 	Env map[string]string
+
+	stop func()
 }
+
+// Stop sends SIGTERM and waits for a clean exit (it also runs at cleanup).
+func (s *Server) Stop() { s.stop() }
 
 // Start builds coffred, runs `coffred dev --dir TMP --listen 127.0.0.1:0`
 // plus extra arguments, waits for its `listening on` line and stops it with
 // SIGTERM at cleanup, failing the test if it does not exit cleanly.
 func Start(t testing.TB, extra ...string) *Server {
+	t.Helper()
+	return StartIn(t, filepath.Join(t.TempDir(), "dev"), extra...)
+}
+
+// StartIn is Start with the dev directory chosen by the caller (which may
+// prepare parts of it first, such as a small file system for the audit log).
+func StartIn(t testing.TB, dir string, extra ...string) *Server {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "coffred")
 	gobin, err := exec.LookPath("go")
@@ -43,7 +56,6 @@ func Start(t testing.TB, extra ...string) *Server {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build coffred: %v\n%s", err, out)
 	}
-	dir := filepath.Join(t.TempDir(), "dev")
 	// #nosec G204 -- the coffred just built
 	cmd := exec.Command(bin, append([]string{"dev", "--dir", dir, "--listen", "127.0.0.1:0"}, extra...)...)
 	out, err := cmd.StdoutPipe()
@@ -54,20 +66,24 @@ func Start(t testing.TB, extra ...string) *Server {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("coffred dev did not exit cleanly: %v", err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("coffred dev did not exit cleanly: %v", err)
+				}
+			case <-time.After(20 * time.Second):
+				_ = cmd.Process.Kill()
+				t.Error("coffred dev ignored SIGTERM for 20s")
 			}
-		case <-time.After(20 * time.Second):
-			_ = cmd.Process.Kill()
-			t.Error("coffred dev ignored SIGTERM for 20s")
-		}
-	})
+		})
+	}
+	t.Cleanup(stop)
 	listening := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(out)
@@ -105,5 +121,5 @@ func Start(t testing.TB, extra ...string) *Server {
 			t.Fatalf("%s/env lacks %s:\n%s", dir, k, data)
 		}
 	}
-	return &Server{Dir: dir, Env: env}
+	return &Server{Dir: dir, Env: env, stop: stop}
 }

@@ -1,0 +1,338 @@
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+
+	"github.com/coffre-kms/coffre/kms/audit"
+	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
+)
+
+func auditCommands() []*command {
+	var (
+		follow                        bool
+		last                          uint64
+		dir, verifierFile, witnessKey string
+		stateFile, keyName, keyOut    string
+		index                         uint64
+	)
+	return []*command{
+		{
+			path: "audit tail", args: "", nargs: 0,
+			summary: "Print the last entries of the node's audit log (--follow to keep following it). Needs an auditor certificate.",
+			flags: func(fs *flag.FlagSet) {
+				fs.BoolVar(&follow, "follow", false, "keep printing new entries until interrupted")
+				fs.Uint64Var(&last, "n", 20, "how many of the latest entries to print first")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				conn, err := dial(e.g)
+				if err != nil {
+					return err
+				}
+				defer conn.Close()
+				c := coffrev1.NewAuditServiceClient(conn)
+				cctx, cancel := context.WithTimeout(ctx, e.g.timeout)
+				cp, err := c.GetCheckpoint(cctx, &coffrev1.GetCheckpointRequest{})
+				cancel()
+				if err != nil {
+					return rpcError(err)
+				}
+				if cp.GetSize() == 0 && !follow {
+					fmt.Fprintln(e.stdout, "the audit log has no checkpointed entry yet")
+					return nil
+				}
+				from := uint64(0)
+				if cp.GetSize() > last {
+					from = cp.GetSize() - last
+				}
+				sctx, cancel := context.WithCancel(ctx)
+				defer cancel()
+				stream, err := c.Stream(sctx, &coffrev1.StreamRequest{FromIndex: from})
+				if err != nil {
+					return rpcError(err)
+				}
+				tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+				if !e.g.json {
+					fmt.Fprintln(tw, "INDEX\tTIME\tDECISION\tOPERATION\tACTOR\tKEYRING\tREASON")
+				}
+				for {
+					rec, err := stream.Recv()
+					if err != nil {
+						if errors.Is(err, io.EOF) || ctx.Err() != nil {
+							return tw.Flush()
+						}
+						return rpcError(err)
+					}
+					if err := printEntry(tw, rec, e.g.json); err != nil {
+						return err
+					}
+					if !follow && rec.GetIndex()+1 >= cp.GetSize() {
+						return tw.Flush()
+					}
+					if follow {
+						if err := tw.Flush(); err != nil {
+							return err
+						}
+					}
+				}
+			},
+		},
+		{
+			path: "audit verify", args: "", nargs: 0,
+			summary: "Verify an audit log directory offline: recompute the Merkle tree, check every checkpoint's signatures and their consistency. Exits 1 naming the first bad entry.",
+			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&dir, "dir", os.Getenv("COFFRE_AUDIT_DIR"), "the audit log `DIR` (env COFFRE_AUDIT_DIR)")
+				fs.StringVar(&verifierFile, "verifier", os.Getenv("COFFRE_AUDIT_VERIFIER"), "the log's checkpoint verifier key `FILE` (env COFFRE_AUDIT_VERIFIER)")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				v, err := loadVerifier(verifierFile)
+				if err != nil {
+					return err
+				}
+				if dir == "" {
+					return fmt.Errorf("%w: --dir is required", errUsage)
+				}
+				rep, err := audit.VerifyDir(dir, v)
+				var ve *audit.VerifyError
+				if errors.As(err, &ve) {
+					if ve.Index >= 0 {
+						return fmt.Errorf("audit log %s does not verify: entry %d: %s", dir, ve.Index, ve.Reason)
+					}
+					return fmt.Errorf("audit log %s does not verify: checkpoint: %s", dir, ve.Reason)
+				}
+				if err != nil {
+					return err
+				}
+				if e.g.json {
+					return json.NewEncoder(e.stdout).Encode(map[string]any{
+						"entries": rep.Entries, "checkpoints": rep.Checkpoints, "checkpoint_size": rep.LastSize,
+						"checkpoint_root": base64.StdEncoding.EncodeToString(rep.LastRoot), "root": base64.StdEncoding.EncodeToString(rep.Root),
+					})
+				}
+				fmt.Fprintf(e.stdout, "audit log verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s\n",
+					rep.Entries, rep.Checkpoints, rep.LastSize, base64.StdEncoding.EncodeToString(rep.Root))
+				return nil
+			},
+		},
+		{
+			path: "audit prove", args: "", nargs: 0,
+			summary: "Prove that entry --index is in the node's log: fetch it, the latest checkpoint (signatures checked) and an inclusion proof, and verify them here.",
+			flags: func(fs *flag.FlagSet) {
+				fs.Uint64Var(&index, "index", 0, "the entry `INDEX`")
+				fs.StringVar(&verifierFile, "verifier", os.Getenv("COFFRE_AUDIT_VERIFIER"), "the log's checkpoint verifier key `FILE` (env COFFRE_AUDIT_VERIFIER)")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				v, err := loadVerifier(verifierFile)
+				if err != nil {
+					return err
+				}
+				conn, err := dial(e.g)
+				if err != nil {
+					return err
+				}
+				defer conn.Close()
+				c := coffrev1.NewAuditServiceClient(conn)
+				cctx, cancel := context.WithTimeout(ctx, e.g.timeout)
+				defer cancel()
+				cpMsg, err := c.GetCheckpoint(cctx, &coffrev1.GetCheckpointRequest{})
+				if err != nil {
+					return rpcError(err)
+				}
+				cp, err := audit.ParseCheckpoint(cpMsg.GetNote(), v)
+				if err != nil {
+					return fmt.Errorf("the server's checkpoint does not verify: %w", err)
+				}
+				if index >= cp.Size {
+					return fmt.Errorf("entry %d is not covered by the latest checkpoint (size %d); try again in a second", index, cp.Size)
+				}
+				stream, err := c.Stream(cctx, &coffrev1.StreamRequest{FromIndex: index})
+				if err != nil {
+					return rpcError(err)
+				}
+				rec, err := stream.Recv()
+				if err != nil {
+					return rpcError(err)
+				}
+				if rec.GetIndex() != index {
+					return fmt.Errorf("the server sent entry %d for %d", rec.GetIndex(), index)
+				}
+				proof, err := c.GetInclusionProof(cctx, &coffrev1.GetInclusionProofRequest{Index: index, Size: cp.Size})
+				if err != nil {
+					return rpcError(err)
+				}
+				if err := audit.VerifyInclusion(rec.GetEntry(), index, cp.Size, proof.GetHashes(), cp.Root); err != nil {
+					return fmt.Errorf("entry %d is NOT proven in checkpoint %d: %w", index, cp.Size, err)
+				}
+				if e.g.json {
+					return json.NewEncoder(e.stdout).Encode(map[string]any{"index": index, "checkpoint_size": cp.Size,
+						"root": base64.StdEncoding.EncodeToString(cp.Root), "entry": json.RawMessage(rec.GetEntry())})
+				}
+				fmt.Fprintf(e.stdout, "entry %d is included in checkpoint %s size %d root %s\n%s\n",
+					index, cp.Origin, cp.Size, base64.StdEncoding.EncodeToString(cp.Root), rec.GetEntry())
+				return nil
+			},
+		},
+		{
+			path: "audit witness", args: "", nargs: 0,
+			summary: "As a witness: check the latest checkpoint is consistent with the last one you saw, cosign it and store the cosignature on the node.",
+			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&verifierFile, "verifier", os.Getenv("COFFRE_AUDIT_VERIFIER"), "the log's checkpoint verifier key `FILE` (env COFFRE_AUDIT_VERIFIER)")
+				fs.StringVar(&witnessKey, "witness-key", "", "the witness's signer key `FILE` (audit keygen makes one)")
+				fs.StringVar(&stateFile, "state", "", "`FILE` keeping the last checkpoint this witness cosigned")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				v, err := loadVerifier(verifierFile)
+				if err != nil {
+					return err
+				}
+				if witnessKey == "" || stateFile == "" {
+					return fmt.Errorf("%w: --witness-key and --state are required", errUsage)
+				}
+				kb, err := os.ReadFile(witnessKey) // #nosec G304 -- the operator names this file
+				if err != nil {
+					return err
+				}
+				w, err := audit.ParseSigner(kb)
+				clear(kb)
+				if err != nil {
+					return fmt.Errorf("--witness-key: %w", err)
+				}
+				var prev *audit.Checkpoint
+				if b, err := os.ReadFile(stateFile); err == nil { // #nosec G304 -- the operator names this file
+					p, err := audit.ParseCheckpoint(b, v)
+					if err != nil {
+						return fmt.Errorf("--state %s: %w", stateFile, err)
+					}
+					prev = &p
+				} else if !errors.Is(err, os.ErrNotExist) {
+					return err
+				}
+				conn, err := dial(e.g)
+				if err != nil {
+					return err
+				}
+				defer conn.Close()
+				c := coffrev1.NewAuditServiceClient(conn)
+				cctx, cancel := context.WithTimeout(ctx, e.g.timeout)
+				defer cancel()
+				cpMsg, err := c.GetCheckpoint(cctx, &coffrev1.GetCheckpointRequest{})
+				if err != nil {
+					return rpcError(err)
+				}
+				next, err := audit.ParseCheckpoint(cpMsg.GetNote(), v)
+				if err != nil {
+					return fmt.Errorf("the node's checkpoint does not verify: %w", err)
+				}
+				var proof [][]byte
+				if prev != nil {
+					if next.Size < prev.Size {
+						return fmt.Errorf("ROLLBACK: the node's log shrank from %d to %d entries", prev.Size, next.Size)
+					}
+					p, err := c.GetConsistencyProof(cctx, &coffrev1.GetConsistencyProofRequest{From: prev.Size, To: next.Size})
+					if err != nil {
+						return rpcError(err)
+					}
+					proof = p.GetHashes()
+				}
+				cosig, err := audit.Cosign(w, prev, next, proof, v)
+				if err != nil {
+					return fmt.Errorf("refusing to cosign: %w", err)
+				}
+				note := append(append([]byte(nil), next.Note...), cosig...)
+				if _, err := c.AddCosignature(cctx, &coffrev1.AddCosignatureRequest{Note: note}); err != nil {
+					return rpcError(err)
+				}
+				if err := writeFileAtomic(stateFile, next.Note, 0o600); err != nil {
+					return err
+				}
+				fmt.Fprintf(e.stdout, "cosigned checkpoint %s size %d (consistent with %d)\n", next.Origin, next.Size, sizeOf(prev))
+				return nil
+			},
+		},
+		{
+			path: "audit keygen", args: "", nargs: 0,
+			summary: "Make a checkpoint signer key (Ed25519 + ML-DSA-65): for a witness, or a node's audit log. Writes FILE (0600) and FILE.pub.",
+			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&keyName, "name", "", "the key's note `NAME`, e.g. witness.cnil.example")
+				fs.StringVar(&keyOut, "out", "", "private key `FILE` to write")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				if keyName == "" || keyOut == "" {
+					return fmt.Errorf("%w: --name and --out are required", errUsage)
+				}
+				if _, err := os.Stat(keyOut); err == nil {
+					return fmt.Errorf("%s exists; refusing to overwrite a key", keyOut)
+				}
+				s, err := audit.GenerateSigner(keyName)
+				if err != nil {
+					return err
+				}
+				b, err := s.MarshalPrivate()
+				if err != nil {
+					return err
+				}
+				defer clear(b)
+				if err := writeFileAtomic(keyOut, b, 0o600); err != nil {
+					return err
+				}
+				if err := writeFileAtomic(keyOut+".pub", s.Verifier().Marshal(), 0o644); err != nil {
+					return err
+				}
+				fmt.Fprintf(e.stdout, "wrote %s and %s.pub\n", keyOut, keyOut)
+				return nil
+			},
+		},
+	}
+}
+
+func sizeOf(c *audit.Checkpoint) uint64 {
+	if c == nil {
+		return 0
+	}
+	return c.Size
+}
+
+func loadVerifier(path string) (*audit.Verifier, error) {
+	if path == "" {
+		return nil, fmt.Errorf("%w: --verifier is required (the log's public checkpoint key; dev: var/dev/audit-verifier.pub)", errUsage)
+	}
+	b, err := readInput("--verifier", path)
+	if err != nil {
+		return nil, err
+	}
+	v, err := audit.ParseVerifier(b)
+	if err != nil {
+		return nil, fmt.Errorf("--verifier %s: %w", path, err)
+	}
+	return v, nil
+}
+
+func printEntry(w io.Writer, rec *coffrev1.AuditRecord, asJSON bool) error {
+	if asJSON {
+		_, err := fmt.Fprintf(w, "%s\n", rec.GetEntry())
+		return err
+	}
+	var en audit.Entry
+	if err := json.Unmarshal(rec.GetEntry(), &en); err != nil {
+		return fmt.Errorf("entry %d: %w", rec.GetIndex(), err)
+	}
+	_, err := fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s:%s\t%s\t%s\n", rec.GetIndex(), stamp(en.Time), en.Decision, en.Operation,
+		en.Actor.Kind, en.Actor.ID, en.Keyring, en.Reason)
+	return err
+}
+
+// writeFileAtomic writes through a temporary file renamed into place.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, mode); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
