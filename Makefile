@@ -12,7 +12,8 @@ DEV_TPM   ?= simulator:20261122
 # (tests read key attributes back with it), protoc (make proto / proto-check).
 # libssl-dev: the TPM simulator's cgo; swtpm, swtpm-tools, tpm2-tools: TPM
 # integration tests with EK certificates from a local CA.
-APT_PACKAGES := softhsm2 opensc protobuf-compiler gcc libc6-dev libssl-dev swtpm swtpm-tools tpm2-tools
+# rsyslog, rsyslog-gnutls: the audit syslog sink is tested against a real rsyslogd.
+APT_PACKAGES := softhsm2 opensc protobuf-compiler gcc libc6-dev libssl-dev swtpm swtpm-tools tpm2-tools rsyslog rsyslog-gnutls
 
 # Linters, pinned; `go run` builds them from the module proxy without
 # touching go.mod, so they never reach the binaries.
@@ -61,7 +62,7 @@ lint: ## staticcheck and gosec (generated code excluded); every #nosec says why
 	$(GO) run $(GOSEC) -quiet -exclude-generated ./...
 
 bench: deps ## benchmarks: data keys in process (KEK cached) and KEK cache misses through SoftHSM
-	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -benchmem -count 1 ./kms/ ./hsm/...
+	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -benchmem -count 1 ./kms/ ./kms/audit/ ./attest/ ./hsm/...
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzParseEnvelope$$' -fuzztime $${FUZZTIME:-30s} ./kms/

@@ -89,6 +89,12 @@ const (
 //	audit.origin                 the checkpoints' origin line (default "coffre/" + node_id)
 //	audit.checkpoint_interval    publish a checkpoint at least this often when the log grew, 100ms..1h (default "1s")
 //	audit.checkpoint_every       and every this many entries, 1..10000000 (default 1000)
+//	audit.syslog.addr            forward every entry to this syslog receiver (RFC 5424, TCP, octet counting);
+//	                             optional: without an audit.syslog section there is no syslog sink
+//	audit.syslog.ca_file, .cert_file, .key_file
+//	                             RFC 5425: mutual TLS to the receiver (all three, or none for plain TCP)
+//	audit.jsonl.path             append every entry to this JSON-lines file (optional)
+//	audit.jsonl.ocsf             write OCSF "API Activity" objects instead of the canonical entries
 //	log.level                    "debug", "info", "warn" or "error" (default "info")
 type Config struct {
 	Listen      string
@@ -111,6 +117,23 @@ type AuditConfig struct {
 	Origin             string
 	CheckpointInterval time.Duration
 	CheckpointEvery    uint64
+	// Syslog, when Addr is set, forwards every entry to a syslog receiver
+	// (RFC 5424 over TCP, or RFC 5425 over mutual TLS when TLS is set).
+	Syslog SyslogSinkConfig
+	// JSONL, when Path is set, appends every entry to a JSON-lines file.
+	JSONL JSONLSinkConfig
+}
+
+// SyslogSinkConfig configures the syslog sink.
+type SyslogSinkConfig struct {
+	Addr string
+	TLS  *tls.Config
+}
+
+// JSONLSinkConfig configures the JSON-lines sink.
+type JSONLSinkConfig struct {
+	Path string
+	OCSF bool
 }
 
 // AttestationConfig bounds attestation and the sessions it yields.
@@ -199,6 +222,20 @@ type rawAudit struct {
 	Origin             *string      `json:"origin"`
 	CheckpointInterval *rawDuration `json:"checkpoint_interval"`
 	CheckpointEvery    *int64       `json:"checkpoint_every"`
+	Syslog             *rawSyslog   `json:"syslog"`
+	JSONL              *rawJSONL    `json:"jsonl"`
+}
+
+type rawSyslog struct {
+	Addr     *string `json:"addr"`
+	CAFile   *string `json:"ca_file"`
+	CertFile *string `json:"cert_file"`
+	KeyFile  *string `json:"key_file"`
+}
+
+type rawJSONL struct {
+	Path *string `json:"path"`
+	OCSF *bool   `json:"ocsf"`
 }
 
 type rawAttestation struct {
@@ -820,5 +857,41 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 	}
 	c.CheckpointInterval = v.duration("audit.checkpoint_interval", r.CheckpointInterval, time.Second, 100*time.Millisecond, time.Hour)
 	c.CheckpointEvery = uint64(v.intRange("audit.checkpoint_every", r.CheckpointEvery, 1000, 1, 10_000_000)) // #nosec G115 -- bounded to 1..1e7
+
+	if r.Syslog != nil {
+		sl := r.Syslog
+		c.Syslog.Addr = v.str("audit.syslog.addr", sl.Addr, "", true)
+		if c.Syslog.Addr != "" {
+			if err := checkHostPort(c.Syslog.Addr); err != nil {
+				v.fail("audit.syslog.addr", "%q: %v", c.Syslog.Addr, err)
+			}
+		}
+		if sl.CAFile != nil || sl.CertFile != nil || sl.KeyFile != nil {
+			// RFC 5425: mutual TLS, all three files or none.
+			caName, caPEM := v.file("audit.syslog.ca_file", sl.CAFile)
+			certName, certPEM := v.file("audit.syslog.cert_file", sl.CertFile)
+			keyName, keyPEM := v.file("audit.syslog.key_file", sl.KeyFile)
+			if caPEM != nil && certPEM != nil && keyPEM != nil {
+				pool := x509.NewCertPool()
+				if !pool.AppendCertsFromPEM(caPEM) {
+					v.fail("audit.syslog.ca_file", "%q holds no PEM certificate", caName)
+				}
+				cert, err := tls.X509KeyPair(certPEM, keyPEM)
+				if err != nil {
+					v.fail("audit.syslog.key_file", "%q and %q: %v", certName, keyName, err)
+				}
+				host, _, _ := net.SplitHostPort(c.Syslog.Addr)
+				c.Syslog.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: host}
+			}
+		}
+	}
+	if r.JSONL != nil {
+		if c.JSONL.Path = v.str("audit.jsonl.path", r.JSONL.Path, "", true); c.JSONL.Path != "" {
+			c.JSONL.Path = v.abs(c.JSONL.Path)
+		}
+		if r.JSONL.OCSF != nil {
+			c.JSONL.OCSF = *r.JSONL.OCSF
+		}
+	}
 	return c
 }

@@ -326,11 +326,15 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 		AdminClientCAFile   string `json:"admin_client_ca_file"`
 		AuditorClientCAFile string `json:"auditor_client_ca_file"`
 	}
+	type jsonlSection struct {
+		Path string `json:"path"`
+	}
 	type auditSection struct {
-		Dir           string `json:"dir"`
-		SignerKeyFile string `json:"signer_key_file"`
-		NodeID        string `json:"node_id"`
-		Origin        string `json:"origin"`
+		Dir           string       `json:"dir"`
+		SignerKeyFile string       `json:"signer_key_file"`
+		NodeID        string       `json:"node_id"`
+		Origin        string       `json:"origin"`
+		JSONL         jsonlSection `json:"jsonl"`
 	}
 	type hsmSection struct {
 		RootKey  string `json:"root_key"`
@@ -360,8 +364,9 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 		Listen: listen,
 		// One dev CA issues admin and auditor certificates alike; in
 		// production each role has its own CA.
-		TLS:   tlsSection{CertFile: e.serverCert, KeyFile: e.serverKey, AdminClientCAFile: e.caFile, AuditorClientCAFile: e.caFile},
-		Audit: auditSection{Dir: filepath.Join(e.dir, "audit"), SignerKeyFile: e.auditSigner, NodeID: "dev", Origin: "coffre-dev/dev"},
+		TLS: tlsSection{CertFile: e.serverCert, KeyFile: e.serverKey, AdminClientCAFile: e.caFile, AuditorClientCAFile: e.caFile},
+		Audit: auditSection{Dir: filepath.Join(e.dir, "audit"), SignerKeyFile: e.auditSigner, NodeID: "dev", Origin: "coffre-dev/dev",
+			JSONL: jsonlSection{Path: filepath.Join(e.dir, "audit.jsonl")}},
 		HSM:   hsmSection{RootKey: rootKey, Sessions: 4},
 		Store: storeSection{Engine: "bbolt", Path: e.storePath},
 		// A short grace: a developer's Ctrl-C should not wait long.

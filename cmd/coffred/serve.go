@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -90,6 +91,11 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		return fmt.Errorf("audit log %s: %w", cfg.Audit.Dir, err)
 	}
 	closers = append(closers, auditLog.Close)
+	stopSinks, err := startSinks(auditLog, cfg.Audit, log)
+	if err != nil {
+		return err
+	}
+	closers = append(closers, stopSinks)
 
 	rel, err := kms.NewReleaseService(svc, kms.ReleaseConfig{
 		Auditor:         kms.AuditLog{Log: auditLog},
@@ -219,4 +225,42 @@ func clientCAs(c TLSConfig) *x509.CertPool {
 		}
 	}
 	return pool
+}
+
+// startSinks runs the configured audit sinks until the returned function is
+// called. A sink reads the log after the fact: one being down never holds
+// up a release, and it catches up from its spool when it is back.
+func startSinks(l *audit.Log, c AuditConfig, log *slog.Logger) (func() error, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	run := func(name string, f func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(ctx); err != nil && ctx.Err() == nil {
+				log.Error("audit sink stopped", "sink", name, "err", err)
+			}
+		}()
+	}
+	if c.Syslog.Addr != "" {
+		s, err := audit.NewSyslogSink(l, audit.SyslogConfig{Addr: c.Syslog.Addr, TLS: c.Syslog.TLS, SpoolDir: c.Dir, Hostname: c.NodeID})
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("audit.syslog: %w", err)
+		}
+		run("syslog", s.Run)
+	}
+	if c.JSONL.Path != "" {
+		s, err := audit.NewJSONLSink(l, audit.JSONLConfig{Path: c.JSONL.Path, SpoolDir: c.Dir, OCSF: c.JSONL.OCSF})
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("audit.jsonl: %w", err)
+		}
+		run("jsonl", s.Run)
+	}
+	return func() error {
+		cancel()
+		wg.Wait()
+		return nil
+	}, nil
 }
