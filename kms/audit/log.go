@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -131,6 +132,7 @@ type Log struct {
 	cpMu      sync.Mutex
 	cpEnd     int64
 	coMu      sync.Mutex
+	cosigs    map[uint64][][]byte // cosignature lines by checkpoint size (coMu)
 	cpTrigger chan struct{}
 
 	batches, fsyncs atomic.Uint64
@@ -232,6 +234,9 @@ func Open(opts Options) (*Log, error) {
 	}
 	if _, err = l.repairRecords(l.cof, cosignaturesFile); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if err := l.loadCosignatures(); err != nil {
+		return nil, err
 	}
 	if l.latest.Note == nil {
 		if err := l.publish(); err != nil {
@@ -806,26 +811,62 @@ func (l *Log) AddCosignature(note []byte) error {
 	if err != nil {
 		return err
 	}
+	l.coMu.Lock()
+	defer l.coMu.Unlock()
+	have := l.cosigs[cp.Size]
 	var lines []byte
+	var added [][]byte
 	for _, s := range sigs {
 		if s.name == l.verifier.name && (s.id == l.verifier.edID || s.id == l.verifier.mlID) {
 			continue
 		}
-		lines = append(lines, s.line...)
+		line := []byte(s.line)
+		if slices.ContainsFunc(have, func(h []byte) bool { return bytes.Equal(h, line) }) ||
+			slices.ContainsFunc(added, func(h []byte) bool { return bytes.Equal(h, line) }) {
+			continue // already stored: a witness cosigning the same checkpoint again
+		}
+		lines = append(lines, line...)
+		added = append(added, line)
 	}
 	if len(lines) == 0 {
+		if len(have) > 0 {
+			return nil
+		}
 		return fmt.Errorf("%w: no cosignature in the note", ErrCheckpoint)
 	}
+	if len(have)+len(added) > maxCosignatures {
+		// The log cannot check a witness's signature (it does not know the
+		// witness keys), so it bounds what one checkpoint can accumulate.
+		return fmt.Errorf("%w: more than %d cosignature lines for size %d", ErrCheckpoint, maxCosignatures, cp.Size)
+	}
 	rec := appendRecord(nil, append(strconv.AppendUint(nil, cp.Size, 10), append([]byte{'\n'}, lines...)...))
-	l.coMu.Lock()
-	defer l.coMu.Unlock()
 	if _, err := l.cof.Write(rec); err != nil {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	if err := l.cof.Sync(); err != nil {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
+	l.cosigs[cp.Size] = append(have, added...)
 	return nil
+}
+
+// maxCosignatures bounds the stored cosignature lines of one checkpoint.
+const maxCosignatures = 64
+
+func (l *Log) loadCosignatures() error {
+	l.cosigs = map[uint64][][]byte{}
+	_, err := scanRecords(io.NewSectionReader(l.cof, 0, 1<<62), maxNoteSize, func(off int64, rec []byte) error {
+		sz, lines, ok := bytes.Cut(rec, []byte("\n"))
+		size, err := strconv.ParseUint(string(sz), 10, 64)
+		if !ok || err != nil {
+			return fmt.Errorf("audit: cosignatures: bad record at offset %d", off)
+		}
+		for line := range bytes.Lines(lines) {
+			l.cosigs[size] = append(l.cosigs[size], bytes.Clone(line))
+		}
+		return nil
+	})
+	return err
 }
 
 // Cosignatures returns the stored cosignature lines (each "— name sig\n")
@@ -833,19 +874,9 @@ func (l *Log) AddCosignature(note []byte) error {
 func (l *Log) Cosignatures(size uint64) ([][]byte, error) {
 	l.coMu.Lock()
 	defer l.coMu.Unlock()
-	var out [][]byte
-	_, err := scanRecords(io.NewSectionReader(l.cof, 0, 1<<62), maxNoteSize, func(_ int64, rec []byte) error {
-		sz, lines, ok := bytes.Cut(rec, []byte("\n"))
-		if !ok || string(sz) != strconv.FormatUint(size, 10) {
-			return nil
-		}
-		for line := range bytes.Lines(lines) {
-			out = append(out, bytes.Clone(line))
-		}
-		return nil
-	})
-	if _, torn := isTorn(err); err != nil && !torn {
-		return nil, fmt.Errorf("audit: cosignatures: %w", err)
+	out := make([][]byte, 0, len(l.cosigs[size]))
+	for _, line := range l.cosigs[size] {
+		out = append(out, bytes.Clone(line))
 	}
 	return out, nil
 }

@@ -120,6 +120,9 @@ func TestWitnessCosign(t *testing.T) {
 			t.Fatalf("cosigned note, verifier %s: %v", v.Name(), err)
 		}
 	}
+	if err := l.AddCosignature(cosigned); err != nil { // again: stored once
+		t.Fatal(err)
+	}
 	lines, err := l.Cosignatures(next.Size)
 	if err != nil || len(lines) != 2 || !bytes.Equal(bytes.Join(lines, nil), sig2) {
 		t.Fatalf("Cosignatures: %q, %v", lines, err)
