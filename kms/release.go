@@ -33,8 +33,9 @@ type ReleaseConfig struct {
 	// 10m). A node re-attests before it ends.
 	SessionTTL time.Duration
 	// MaxSessions bounds the sessions held in memory (default 10,000;
-	// each holds a 1,216-byte X-Wing key); MaxSessionsPerNode bounds one
-	// node's (default 8; the oldest gives way).
+	// each holds its release key with its AES-GCM key schedule, about a
+	// kilobyte in all); MaxSessionsPerNode bounds one node's (default 8;
+	// the oldest gives way).
 	MaxSessions        int
 	MaxSessionsPerNode int
 	// ChallengeTTL is how long a challenge may wait for its evidence
@@ -51,8 +52,8 @@ type ReleaseConfig struct {
 	// Logger receives store records refused on read; nil means
 	// slog.Default().
 	Logger *slog.Logger
-	// Rand is the randomness of challenges, tokens and seals, and must be
-	// safe for concurrent use; nil means crypto/rand.
+	// Rand is the randomness of challenges, tokens, session keys and TPM
+	// seals, and must be safe for concurrent use; nil means crypto/rand.
 	Rand io.Reader
 	// Now is the clock; nil means the Service's.
 	Now func() time.Time
@@ -256,6 +257,12 @@ func (r *ReleaseService) Close() error {
 		r.chOrder.Init()
 		r.chMu.Unlock()
 		r.sessMu.Lock()
+		for _, s := range r.sessions {
+			if s.rk != nil {
+				s.rk.zero()
+				s.rk = nil
+			}
+		}
 		clear(r.sessions)
 		r.sessList.Init()
 		clear(r.byNode)

@@ -7,7 +7,8 @@ import "errors"
 // one gRPC status code.
 var (
 	// ErrUnauthenticated: the caller presented no session, or one that is
-	// unknown or has expired. The remedy is to attest (again). The message
+	// unknown, has expired, or has sealed MaxReleasesPerSession keys
+	// ("session exhausted"). The remedy is to attest (again). The message
 	// says which, and nothing about any other session.
 	ErrUnauthenticated = errors.New("unauthenticated")
 	// ErrPermissionDenied: the caller is known but refused — its

@@ -2,38 +2,132 @@ package kms
 
 import (
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"sync/atomic"
 
 	"github.com/cloudflare/circl/hpke"
+	"github.com/cloudflare/circl/kem"
 
 	"github.com/coffre-kms/coffre/attest"
 )
 
-// The HPKE release suite, fixed for the whole project: X-Wing (ML-KEM-768
-// + X25519), HKDF-SHA256, AES-256-GCM, base mode, with the envelope the
-// data key belongs to as the associated data.
-const HPKESuiteName = "X-Wing/HKDF-SHA256/AES-256-GCM"
-
-var (
-	releaseSuite    = hpke.NewSuite(hpke.KEM_XWING, hpke.KDF_HKDF_SHA256, hpke.AEAD_AES256GCM)
-	releaseSuiteKEM = hpke.KEM_XWING.Scheme()
-	// releaseInfo is the HPKE info string of every release.
-	releaseInfo = []byte("coffre release v1")
+// Release sealing (kms/ENVELOPE.md, "Release sealing"). Attestation is per
+// session and release per request, so the public-key work happens once per
+// session: at Complete the server runs HPKE base mode to the verified
+// binding key and exports the session release key K from that context; the
+// node derives the same K from the encapsulation (CompleteResponse
+// session_enc) and its binding private key. Each release is then one
+// AES-256-GCM seal under K with the release's sequence number as the nonce.
+const (
+	// releaseKeySize is the size of K: an AES-256 key.
+	releaseKeySize = 32
+	// MaxReleasesPerSession bounds the releases sealed under one K; past
+	// it the session refuses with ErrUnauthenticated and the node attests
+	// again. 2^32 keeps each session's K far inside AES-GCM's limits (the
+	// nonces are distinct by construction; this bounds the data sealed).
+	MaxReleasesPerSession = 1 << 32
 )
 
-// SealedKey is a data key as it leaves Coffre: exactly one of HPKE and TPM
-// is set. Neither holds the key in the clear.
-type SealedKey struct {
-	HPKE *HPKESealed
-	TPM  *TPMDuplicate
+var (
+	// sessionSuite is the HPKE suite of the session set-up, fixed for the
+	// whole project: X-Wing (ML-KEM-768 + X25519), HKDF-SHA256,
+	// AES-256-GCM, base mode.
+	sessionSuite    = hpke.NewSuite(hpke.KEM_XWING, hpke.KDF_HKDF_SHA256, hpke.AEAD_AES256GCM)
+	sessionSuiteKEM = hpke.KEM_XWING.Scheme()
+	// sessionInfo is the HPKE info of every session set-up: constant, so
+	// that the node needs nothing but enc to derive K. Each set-up has its
+	// own fresh encapsulation, hence its own K.
+	sessionInfo = []byte("coffre session v1")
+	// releaseKeyLabel is the exporter context K is exported under.
+	releaseKeyLabel = []byte("coffre release key v1")
+	// releaseAADLabel starts the associated data of every release seal.
+	releaseAADLabel = []byte("coffre release v1")
+)
+
+// releaseKey is a session's release key K with the AES-256-GCM AEAD keyed
+// with it once, so that a release costs one seal, and the session's
+// release counter. It is never stored and never logged (k is a Secret).
+type releaseKey struct {
+	k    *Secret
+	aead cipher.AEAD
+	seq  atomic.Uint64 // the last sequence number taken; 0 before the first release
 }
 
-// HPKESealed is a data key sealed with HPKE to the session's binding key.
-type HPKESealed struct {
-	Suite      string // HPKESuiteName
-	Enc        []byte
-	Ciphertext []byte
+// newReleaseKey sets up a session's release key to binding: HPKE base mode
+// (sessionSuite, sessionInfo), K = Export(releaseKeyLabel, 32). It returns
+// the encapsulation the node needs to derive K.
+func newReleaseKey(rand io.Reader, binding kem.PublicKey) (enc []byte, rk *releaseKey, err error) {
+	sender, err := sessionSuite.NewSender(binding, sessionInfo)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kms: HPKE sender: %w", err)
+	}
+	enc, sealer, err := sender.Setup(rand)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kms: HPKE setup: %w", err)
+	}
+	k := NewSecret(sealer.Export(releaseKeyLabel, releaseKeySize))
+	block, err := aes.NewCipher(k.Expose())
+	if err != nil {
+		k.Zero()
+		return nil, nil, fmt.Errorf("kms: release key: %w", err)
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		k.Zero()
+		return nil, nil, fmt.Errorf("kms: release key: %w", err)
+	}
+	return enc, &releaseKey{k: k, aead: aead}, nil
+}
+
+// zero wipes K. The AEAD's key schedule is beyond reach (the Go runtime
+// offers no way to wipe it); the session drops its last reference to it
+// when it ends, so zeroization is best effort, like every one in Go.
+func (rk *releaseKey) zero() { rk.k.Zero() }
+
+// errSessionExhausted refuses a release past MaxReleasesPerSession.
+var errSessionExhausted = fmt.Errorf("%w: session exhausted; attest again", ErrUnauthenticated)
+
+// seal seals the 32-byte data key dk of envelope under K with the next
+// sequence number.
+func (rk *releaseKey) seal(dk, envelope []byte) (*SessionSealed, error) {
+	seq := rk.seq.Add(1)
+	if seq > MaxReleasesPerSession {
+		return nil, errSessionExhausted
+	}
+	var nonce [12]byte
+	binary.BigEndian.PutUint64(nonce[4:], seq)
+	// #nosec G407 -- the nonce is seq, taken once per release from the
+	// session's counter: unique under K (ENVELOPE.md, "Release sealing").
+	ct := rk.aead.Seal(make([]byte, 0, len(dk)+rk.aead.Overhead()), nonce[:], dk, releaseAAD(envelope))
+	return &SessionSealed{Seq: seq, Ciphertext: ct}, nil
+}
+
+// releaseAAD is "coffre release v1" ‖ u32 len(envelope) ‖ envelope.
+func releaseAAD(envelope []byte) []byte {
+	aad := make([]byte, 0, len(releaseAADLabel)+4+len(envelope))
+	aad = append(aad, releaseAADLabel...)
+	aad = binary.BigEndian.AppendUint32(aad, uint32(len(envelope))) // #nosec G115 -- both callers hold a parsed envelope, at most MaxEnvelopeSize bytes
+	return append(aad, envelope...)
+}
+
+// SealedKey is a data key as it leaves Coffre: exactly one of Session and
+// TPM is set. Neither holds the key in the clear.
+type SealedKey struct {
+	Session *SessionSealed
+	TPM     *TPMDuplicate
+}
+
+// SessionSealed is a data key sealed with AES-256-GCM under the session
+// release key: nonce 0^32 ‖ Seq (64 bits, big-endian), associated data
+// "coffre release v1" ‖ u32 len(envelope) ‖ envelope.
+type SessionSealed struct {
+	Seq        uint64 // from 1, distinct within the session
+	Ciphertext []byte // 32-byte data key and 16-byte tag
 }
 
 // TPMDuplicate is a data key as a TPM duplicate blob under the node's EK,
@@ -224,27 +318,19 @@ func (r *ReleaseService) allow(ctx context.Context, au *AuditEvent) error {
 	return nil
 }
 
-// seal seals dk to the session as mode says; aad is the envelope dk
+// seal seals dk to the session as mode says; envelope is the envelope dk
 // belongs to.
-func (r *ReleaseService) seal(s sessionView, mode ReleaseMode, dk, aad []byte) (*SealedKey, error) {
+func (r *ReleaseService) seal(s sessionView, mode ReleaseMode, dk, envelope []byte) (*SealedKey, error) {
 	switch mode {
 	case ReleaseHPKE:
-		if s.binding == nil {
-			return nil, errors.New("kms: session has no binding key")
+		if s.rk == nil {
+			return nil, errors.New("kms: session has no release key")
 		}
-		sender, err := releaseSuite.NewSender(s.binding, releaseInfo)
+		sealed, err := s.rk.seal(dk, envelope)
 		if err != nil {
-			return nil, fmt.Errorf("kms: HPKE sender: %w", err)
+			return nil, err
 		}
-		enc, sealer, err := sender.Setup(r.rand)
-		if err != nil {
-			return nil, fmt.Errorf("kms: HPKE setup: %w", err)
-		}
-		ct, err := sealer.Seal(dk, aad)
-		if err != nil {
-			return nil, fmt.Errorf("kms: HPKE seal: %w", err)
-		}
-		return &SealedKey{HPKE: &HPKESealed{Suite: HPKESuiteName, Enc: enc, Ciphertext: ct}}, nil
+		return &SealedKey{Session: sealed}, nil
 	case ReleaseTPM:
 		if s.ek == nil || s.ek.Public == nil {
 			return nil, errors.New("kms: session has no EK public area")

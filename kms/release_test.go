@@ -1,7 +1,10 @@
 package kms
 
 import (
+	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -9,8 +12,10 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"strings"
 	"sync"
@@ -19,6 +24,7 @@ import (
 	"time"
 
 	"github.com/cloudflare/circl/kem"
+	"github.com/cloudflare/circl/kem/xwing"
 
 	"github.com/coffre-kms/coffre/attest"
 )
@@ -197,13 +203,57 @@ func (f *relFixture) keyring(t testing.TB, id string, classes []string, labels m
 	return kid
 }
 
-// injectSession opens a session for node as Complete would after a good
-// attestation, with a fresh X-Wing binding key, without a TPM: the tests of
-// the session and release logic do not need one (the TPM tests exercise
-// Complete itself).
-func (f *relFixture) injectSession(t testing.TB, r *ReleaseService, name string) (string, kem.PrivateKey) {
+// nodeKey is the node's half of a session: its binding private key and
+// the session release key it derived from the session's enc.
+type nodeKey struct {
+	binding kem.PrivateKey
+	enc     []byte
+	k       []byte
+}
+
+// deriveNodeKey derives K as the node does (HPKE receiver, independent of
+// newReleaseKey's sender side).
+func deriveNodeKey(t testing.TB, sk kem.PrivateKey, enc []byte) *nodeKey {
 	t.Helper()
-	pk, sk, err := releaseSuiteKEM.GenerateKeyPair()
+	recv, err := sessionSuite.NewReceiver(sk, []byte("coffre session v1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := recv.Setup(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &nodeKey{binding: sk, enc: enc, k: o.Export([]byte("coffre release key v1"), 32)}
+}
+
+// open opens a session-sealed key as the node does, with crypto/aes
+// rather than the server's cached AEAD.
+func (n *nodeKey) open(sealed *SessionSealed, envelope []byte) ([]byte, error) {
+	block, err := aes.NewCipher(n.k)
+	if err != nil {
+		return nil, err
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	nonce := make([]byte, 12)
+	binary.BigEndian.PutUint64(nonce[4:], sealed.Seq)
+	aad := binary.BigEndian.AppendUint32([]byte("coffre release v1"), uint32(len(envelope)))
+	return aead.Open(nil, nonce, sealed.Ciphertext, append(aad, envelope...))
+}
+
+// injectSession opens a session for node as Complete would after a good
+// attestation, with a fresh X-Wing binding key and the session release key
+// set up to it, without a TPM: the tests of the session and release logic
+// do not need one (the TPM tests exercise Complete itself).
+func (f *relFixture) injectSession(t testing.TB, r *ReleaseService, name string) (string, *nodeKey) {
+	t.Helper()
+	pk, sk, err := sessionSuiteKEM.GenerateKeyPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, rk, err := newReleaseKey(rand.Reader, pk)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,32 +270,23 @@ func (f *relFixture) injectSession(t testing.TB, r *ReleaseService, name string)
 	raw := make([]byte, sessionTokenSize)
 	rand.Read(raw)
 	now := r.now()
-	s := &session{key: sha256.Sum256(raw), node: node, class: class, binding: pk, pcrs: class.PCRs, expires: now.Add(r.cfg.SessionTTL)}
+	s := &session{key: sha256.Sum256(raw), node: node, class: class, rk: rk, pcrs: class.PCRs, expires: now.Add(r.cfg.SessionTTL)}
 	if err := r.putSession(s, now); err != nil {
 		t.Fatal(err)
 	}
-	return base64.RawURLEncoding.EncodeToString(raw), sk
+	return base64.RawURLEncoding.EncodeToString(raw), deriveNodeKey(t, sk, enc)
 }
 
-func openHPKE(t testing.TB, sk kem.PrivateKey, k *SealedKey, envelope []byte) []byte {
+// openSession opens a session-sealed key with the node's K, failing the
+// test if it does not open.
+func openSession(t testing.TB, n *nodeKey, k *SealedKey, envelope []byte) []byte {
 	t.Helper()
-	if k == nil || k.HPKE == nil || k.TPM != nil {
-		t.Fatalf("sealed key %+v: want HPKE only", k)
+	if k == nil || k.Session == nil || k.TPM != nil {
+		t.Fatalf("sealed key %+v: want session-sealed only", k)
 	}
-	if k.HPKE.Suite != HPKESuiteName {
-		t.Fatalf("suite %q", k.HPKE.Suite)
-	}
-	recv, err := releaseSuite.NewReceiver(sk, []byte("coffre release v1"))
+	dk, err := n.open(k.Session, envelope)
 	if err != nil {
-		t.Fatal(err)
-	}
-	o, err := recv.Setup(k.HPKE.Enc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dk, err := o.Open(k.HPKE.Ciphertext, envelope)
-	if err != nil {
-		t.Fatalf("HPKE open: %v", err)
+		t.Fatalf("open: %v", err)
 	}
 	return dk
 }
@@ -265,7 +306,7 @@ func TestReleaseRoundTripHPKE(t *testing.T) {
 	ctx := ctxT(t)
 	f.enroll(t, "node-1", "storage", map[string]string{"jurisdiction": "ca-qc", "site": "mtl-1"})
 	id := f.keyring(t, "acme/disks", []string{"storage"}, map[string]string{"jurisdiction": "ca-qc"}, ReleaseHPKE)
-	token, sk := f.injectSession(t, f.rel, "node-1")
+	token, node := f.injectSession(t, f.rel, "node-1")
 
 	ec := map[string]string{"volume": "vol-1"}
 	rel, err := f.rel.GenerateDataKey(ctx, token, id, ec)
@@ -275,7 +316,7 @@ func TestReleaseRoundTripHPKE(t *testing.T) {
 	if rel.KeyringID != id || rel.KeyVersion != 1 || len(rel.Envelope) == 0 {
 		t.Fatalf("released %+v", rel)
 	}
-	dk := openHPKE(t, sk, rel.Key, rel.Envelope)
+	dk := openSession(t, node, rel.Key, rel.Envelope)
 	if len(dk) != 32 {
 		t.Fatalf("data key of %d bytes", len(dk))
 	}
@@ -293,13 +334,11 @@ func TestReleaseRoundTripHPKE(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := openHPKE(t, sk, sealed, rel.Envelope); string(got) != string(dk) {
+	if got := openSession(t, node, sealed, rel.Envelope); string(got) != string(dk) {
 		t.Fatal("Decrypt released another key")
 	}
 	// The seal is bound to the envelope: opening with another fails.
-	recv, _ := releaseSuite.NewReceiver(sk, releaseInfo)
-	o, _ := recv.Setup(sealed.HPKE.Enc)
-	if _, err := o.Open(sealed.HPKE.Ciphertext, append([]byte("x"), rel.Envelope...)); err == nil {
+	if _, err := node.open(sealed.Session, append([]byte("x"), rel.Envelope...)); err == nil {
 		t.Fatal("sealed key opened with another envelope as aad")
 	}
 	// A wrong context is the one decryption error.
@@ -322,7 +361,7 @@ func TestReleaseRoundTripHPKE(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := openHPKE(t, sk, sealed, re.Envelope); string(got) != string(dk) {
+	if got := openSession(t, node, sealed, re.Envelope); string(got) != string(dk) {
 		t.Fatal("re-encrypted envelope holds another key")
 	}
 }
@@ -508,11 +547,10 @@ func TestSessionLimits(t *testing.T) {
 		}
 	}
 	f.injectSession(t, f.rel, "node-2") // 4 held: a (ended), b, c, this
-	pk, _, _ := releaseSuiteKEM.GenerateKeyPair()
 	f.rel.mu.RLock()
 	node, class := f.rel.nodes["node-2"].v, f.rel.classes["storage"].v
 	f.rel.mu.RUnlock()
-	s := &session{key: [32]byte{1}, node: node, class: class, binding: pk, expires: f.clock.Now().Add(time.Minute)}
+	s := &session{key: [32]byte{1}, node: node, class: class, expires: f.clock.Now().Add(time.Minute)}
 	if err := f.rel.putSession(s, f.clock.Now()); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("fifth session: %v, want ErrUnavailable", err)
 	}
@@ -601,4 +639,248 @@ func TestUnknownEKRefusedAtChallenge(t *testing.T) {
 	ek, _ := pinnedEK(t)
 	_, err = f.rel.Challenge(ctx, nil, ek, []byte{1})
 	wantErr(t, err, ErrInvalidArgument, "TPM2B_PUBLIC")
+}
+
+// sessionOf returns the server's session of token (for tests that look at
+// its release key).
+func sessionOf(t testing.TB, r *ReleaseService, token string) *session {
+	t.Helper()
+	raw, err := base64.RawURLEncoding.DecodeString(token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.sessMu.RLock()
+	defer r.sessMu.RUnlock()
+	s := r.sessions[sha256.Sum256(raw)]
+	if s == nil {
+		t.Fatal("no such session")
+	}
+	return s
+}
+
+// The node's K, derived through the real X-Wing from enc with its binding
+// private key, is the server's; every set-up has its own.
+func TestReleaseKeyIsTheNodes(t *testing.T) {
+	pk, sk, err := sessionSuiteKEM.GenerateKeyPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, rk, err := newReleaseKey(rand.Reader, pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(enc) != xwing.CiphertextSize {
+		t.Fatalf("enc of %d bytes, want an X-Wing ciphertext (%d)", len(enc), xwing.CiphertextSize)
+	}
+	node := deriveNodeKey(t, sk, enc)
+	if len(rk.k.Expose()) != 32 || !bytes.Equal(rk.k.Expose(), node.k) {
+		t.Fatalf("server K %x, node K %x", rk.k.Expose(), node.k)
+	}
+	enc2, rk2, err := newReleaseKey(rand.Reader, pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(enc2, enc) || bytes.Equal(rk2.k.Expose(), rk.k.Expose()) {
+		t.Fatal("two set-ups to one binding key gave the same enc or K")
+	}
+	// Another binding key derives another K from the same enc (X-Wing
+	// rejects implicitly).
+	_, sk3, err := sessionSuiteKEM.GenerateKeyPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(deriveNodeKey(t, sk3, enc).k, node.k) {
+		t.Fatal("another binding key derived the same K")
+	}
+	for _, out := range []string{fmt.Sprintf("%v %+v %x", rk.k, rk, rk.k)} {
+		if strings.Contains(out, fmt.Sprintf("%x", node.k)) {
+			t.Fatalf("the release key prints: %s", out)
+		}
+	}
+}
+
+// Every release on a session takes its own sequence number, from 1, also
+// under concurrency: the GCM nonces under K never repeat.
+func TestReleaseSequenceNumbers(t *testing.T) {
+	f := newRelFixture(t, ReleaseConfig{})
+	ctx := ctxT(t)
+	f.enroll(t, "node-1", "storage", nil)
+	id := f.keyring(t, "acme/disks", []string{"storage"}, nil, ReleaseHPKE)
+	token, node := f.injectSession(t, f.rel, "node-1")
+
+	a, err := f.rel.GenerateDataKey(ctx, token, id, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := f.rel.GenerateDataKey(ctx, token, id, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := f.rel.Decrypt(ctx, token, a.Envelope, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Key.Session.Seq != 1 || b.Key.Session.Seq != 2 || d.Session.Seq != 3 {
+		t.Fatalf("sequence numbers %d, %d, %d; want 1, 2, 3", a.Key.Session.Seq, b.Key.Session.Seq, d.Session.Seq)
+	}
+	ka, kd := openSession(t, node, a.Key, a.Envelope), openSession(t, node, d, a.Envelope)
+	if !bytes.Equal(ka, kd) || bytes.Equal(ka, openSession(t, node, b.Key, b.Envelope)) {
+		t.Fatal("releases opened to the wrong keys")
+	}
+	// A sealed key presented with another sequence number does not open.
+	moved := &SessionSealed{Seq: b.Key.Session.Seq, Ciphertext: a.Key.Session.Ciphertext}
+	if _, err := node.open(moved, a.Envelope); err == nil {
+		t.Fatal("a sealed key opened under another sequence number")
+	}
+
+	const workers, each = 8, 25
+	var mu sync.Mutex
+	seen := map[uint64]bool{1: true, 2: true, 3: true}
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for range each {
+				rel, err := f.rel.GenerateDataKey(ctx, token, id, nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				if seen[rel.Key.Session.Seq] {
+					t.Errorf("sequence number %d used twice", rel.Key.Session.Seq)
+				}
+				seen[rel.Key.Session.Seq] = true
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if len(seen) != 3+workers*each {
+		t.Fatalf("%d distinct sequence numbers, want %d", len(seen), 3+workers*each)
+	}
+}
+
+// A key released on one session does not open with another session's K,
+// be it the same node's.
+func TestSessionKeysDoNotCross(t *testing.T) {
+	f := newRelFixture(t, ReleaseConfig{})
+	ctx := ctxT(t)
+	f.enroll(t, "node-1", "storage", nil)
+	f.enroll(t, "node-2", "storage", nil)
+	id := f.keyring(t, "acme/disks", []string{"storage"}, nil, ReleaseHPKE)
+	t1, n1 := f.injectSession(t, f.rel, "node-1")
+	t2, n2 := f.injectSession(t, f.rel, "node-1")
+	_, n3 := f.injectSession(t, f.rel, "node-2")
+	if bytes.Equal(n1.k, n2.k) {
+		t.Fatal("two sessions of one node share K")
+	}
+	r1, err := f.rel.GenerateDataKey(ctx, t1, id, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	openSession(t, n1, r1.Key, r1.Envelope)
+	for name, other := range map[string]*nodeKey{"the same node's second session": n2, "another node's session": n3} {
+		if _, err := other.open(r1.Key.Session, r1.Envelope); err == nil {
+			t.Errorf("session 1's release opened with the K of %s", name)
+		}
+	}
+	// Session 2 releases the same envelope's key with its own K, at its
+	// own sequence number 1: same nonce, another key.
+	d2, err := f.rel.Decrypt(ctx, t2, r1.Envelope, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d2.Session.Seq != 1 || bytes.Equal(d2.Session.Ciphertext, r1.Key.Session.Ciphertext) {
+		t.Fatalf("session 2's release: seq %d, same ciphertext %v", d2.Session.Seq, bytes.Equal(d2.Session.Ciphertext, r1.Key.Session.Ciphertext))
+	}
+	if _, err := n1.open(d2.Session, r1.Envelope); err == nil {
+		t.Fatal("session 2's release opened with session 1's K")
+	}
+	if got := openSession(t, n2, d2, r1.Envelope); !bytes.Equal(got, openSession(t, n1, r1.Key, r1.Envelope)) {
+		t.Fatal("the two sessions released different keys for one envelope")
+	}
+}
+
+// Past MaxReleasesPerSession the session refuses with Unauthenticated,
+// which tells the node to attest again.
+func TestSessionExhausted(t *testing.T) {
+	f := newRelFixture(t, ReleaseConfig{})
+	ctx := ctxT(t)
+	f.enroll(t, "node-1", "storage", nil)
+	id := f.keyring(t, "acme/disks", []string{"storage"}, nil, ReleaseHPKE)
+	token, node := f.injectSession(t, f.rel, "node-1")
+	sessionOf(t, f.rel, token).rk.seq.Store(MaxReleasesPerSession - 1)
+	last, err := f.rel.GenerateDataKey(ctx, token, id, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last.Key.Session.Seq != MaxReleasesPerSession {
+		t.Fatalf("last sequence number %d, want 2^32", last.Key.Session.Seq)
+	}
+	openSession(t, node, last.Key, last.Envelope)
+	_, err = f.rel.GenerateDataKey(ctx, token, id, nil)
+	wantErr(t, err, ErrUnauthenticated, "session exhausted; attest again")
+	if ev := f.audit.last(); ev.Allowed || ev.Node != "node-1" || !strings.Contains(ev.Reason, "exhausted") {
+		t.Fatalf("audit of the refusal: %+v", ev)
+	}
+	_, err = f.rel.Decrypt(ctx, token, last.Envelope, nil)
+	wantErr(t, err, ErrUnauthenticated, "session exhausted")
+	// Another session of the node is unaffected.
+	other, _ := f.injectSession(t, f.rel, "node-1")
+	if _, err := f.rel.GenerateDataKey(ctx, other, id, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A session's K is wiped when the session ends (revocation, eviction by a
+// newer session), expires and is pruned, or the service closes.
+func TestSessionEndWipesReleaseKey(t *testing.T) {
+	f := newRelFixture(t, ReleaseConfig{MaxSessionsPerNode: 1, SessionTTL: time.Minute})
+	ctx := ctxT(t)
+	f.enroll(t, "node-1", "storage", nil)
+	f.enroll(t, "node-2", "storage", nil)
+	f.enroll(t, "node-3", "storage", nil)
+	id := f.keyring(t, "acme/disks", []string{"storage"}, nil, ReleaseHPKE)
+	// K is wiped under sessMu, also by the store watch's goroutine.
+	wiped := func(rk *releaseKey) bool {
+		f.rel.sessMu.RLock()
+		defer f.rel.sessMu.RUnlock()
+		return rk.k.Expose() == nil
+	}
+
+	evicted, _ := f.injectSession(t, f.rel, "node-1")
+	rkEvicted := sessionOf(t, f.rel, evicted).rk
+	f.injectSession(t, f.rel, "node-1") // MaxSessionsPerNode 1: evicts the first
+	if !wiped(rkEvicted) || sessionOf(t, f.rel, evicted).rk != nil {
+		t.Error("an evicted session kept its release key")
+	}
+
+	revoked, _ := f.injectSession(t, f.rel, "node-2")
+	rkRevoked := sessionOf(t, f.rel, revoked).rk
+	if _, err := f.rel.RevokeNode(ctx, "node-2"); err != nil {
+		t.Fatal(err)
+	}
+	if !wiped(rkRevoked) {
+		t.Error("a revoked node's session kept its release key")
+	}
+	_, err := f.rel.GenerateDataKey(ctx, revoked, id, nil)
+	wantErr(t, err, ErrPermissionDenied, "was revoked")
+
+	expiring, _ := f.injectSession(t, f.rel, "node-3")
+	rkExpired := sessionOf(t, f.rel, expiring).rk
+	f.clock.Advance(time.Minute)
+	f.injectSession(t, f.rel, "node-3") // prunes the expired ones
+	if !wiped(rkExpired) {
+		t.Error("an expired session kept its release key")
+	}
+
+	live, _ := f.injectSession(t, f.rel, "node-1")
+	rkLive := sessionOf(t, f.rel, live).rk
+	if wiped(rkLive) {
+		t.Fatal("a live session without its key")
+	}
+	f.rel.Close()
+	if !wiped(rkLive) {
+		t.Error("Close left a session's release key")
+	}
 }

@@ -1,6 +1,7 @@
 package kms
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -120,14 +121,32 @@ func TestAttestedReleaseTPM(t *testing.T) {
 		t.Fatalf("audit of the attestation: %+v", ev)
 	}
 
-	// HPKE release round trip.
+	// HPKE-mode release round trip: the agent derives K from the
+	// session's enc through the real X-Wing, with the binding key it
+	// quoted, and opens the release with it.
+	nodeK, err := node.a.DeriveSessionKey(sess.Enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The agent does not hand K out; that it holds the server's K shows
+	// as a seal made directly with the session's key opening under it.
+	probe := bytes.Repeat([]byte{0x17}, 32)
+	direct, err := sessionOf(t, f.rel, sess.Token).rk.seal(probe, []byte("probe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := nodeK.Open(&coffrev1.SessionSealed{Seq: direct.Seq, Ciphertext: direct.Ciphertext}, []byte("probe")); err != nil || !bytes.Equal(got, probe) {
+		t.Fatalf("the node's K does not open the server's seal: %v", err)
+	}
 	ec := map[string]string{"volume": "vol-1"}
 	dk, err := f.rel.GenerateDataKey(ctx, sess.Token, hpkeRing, ec)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := dk.Key.HPKE
-	key, err := node.a.OpenHPKE(&coffrev1.HPKESealed{Suite: h.Suite, Enc: h.Enc, Ciphertext: h.Ciphertext}, dk.Envelope)
+	if dk.Key.Session == nil || dk.Key.TPM != nil {
+		t.Fatalf("hpke release gave %+v", dk.Key)
+	}
+	key, err := nodeK.Open(sessionSealedProto(dk.Key), dk.Envelope)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,7 +160,7 @@ func TestAttestedReleaseTPM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tk.Key.TPM == nil || tk.Key.HPKE != nil {
+	if tk.Key.TPM == nil || tk.Key.Session != nil {
 		t.Fatalf("tpm release gave %+v", tk.Key)
 	}
 	d := tk.Key.TPM
@@ -174,10 +193,25 @@ func TestAttestedReleaseTPM(t *testing.T) {
 	if !errors.Is(err, ErrPermissionDenied) {
 		t.Fatalf("replay: %v, want ErrPermissionDenied", err)
 	}
-	// Re-attestation issued a second session; both work.
-	for _, tok := range []string{sess.Token, second.Token} {
-		if _, err := f.rel.GenerateDataKey(ctx, tok, hpkeRing, nil); err != nil {
+	// Re-attestation issued a second session, with its own K; both work,
+	// each with its own key.
+	secondK, err := node.a.DeriveSessionKey(second.Enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		tok        string
+		own, other *agent.SessionKey
+	}{{sess.Token, nodeK, secondK}, {second.Token, secondK, nodeK}} {
+		rel, err := f.rel.GenerateDataKey(ctx, c.tok, hpkeRing, nil)
+		if err != nil {
 			t.Fatal(err)
+		}
+		if _, err := c.own.Open(sessionSealedProto(rel.Key), rel.Envelope); err != nil {
+			t.Fatalf("own session key: %v", err)
+		}
+		if _, err := c.other.Open(sessionSealedProto(rel.Key), rel.Envelope); !errors.Is(err, agent.ErrOpen) {
+			t.Fatalf("the other session's key: %v, want ErrOpen", err)
 		}
 	}
 
@@ -215,6 +249,11 @@ func TestAttestedReleaseTPM(t *testing.T) {
 	}
 	_, err = f.rel.Challenge(ctx, nil, node.a.EKPublic(), node.a.AKPublic())
 	wantErr(t, err, ErrPermissionDenied, "node sim-1 is revoked")
+}
+
+// sessionSealedProto is the wire form of a session-sealed key.
+func sessionSealedProto(k *SealedKey) *coffrev1.SessionSealed {
+	return &coffrev1.SessionSealed{Seq: k.Session.Seq, Ciphertext: k.Session.Ciphertext}
 }
 
 func TestAttestWrongPCRs(t *testing.T) {

@@ -11,8 +11,6 @@ import (
 	"maps"
 	"time"
 
-	"github.com/cloudflare/circl/kem"
-
 	"github.com/coffre-kms/coffre/attest"
 )
 
@@ -41,13 +39,14 @@ type rateWindow struct {
 // pointers the attestation was checked against: the release path compares
 // them with the cache, so any change to the node or its class (a
 // revocation, new reference values) ends the session's use at once, even
-// before the session itself is ended.
+// before the session itself is ended. rk is the session release key, set
+// up once at Complete and wiped when the session ends or is evicted.
 type session struct {
 	key          [32]byte
 	node         *Node
 	class        *NodeClass
 	ek           *attest.EK
-	binding      kem.PublicKey
+	rk           *releaseKey
 	pcrs         map[uint32][]byte // the class's reference values, for TPM-bound release
 	evidenceHash [32]byte
 	expires      time.Time
@@ -65,6 +64,9 @@ type Session struct {
 	Labels        map[string]string
 	EKFingerprint string
 	Expires       time.Time
+	// Enc is the HPKE encapsulation of the session release key to the
+	// node's binding key (CompleteResponse.session_enc); not secret.
+	Enc []byte
 }
 
 // String keeps the token out of logs.
@@ -295,13 +297,20 @@ func (r *ReleaseService) Complete(ctx context.Context, id string, ev *attest.Evi
 		return nil, errors.New("kms: attest.Verify returned unverified state")
 	}
 	au.EvidenceHash = v.EvidenceHash
-	binding, err := releaseSuiteKEM.UnmarshalBinaryPublicKey(v.BindingKey)
+	binding, err := sessionSuiteKEM.UnmarshalBinaryPublicKey(v.BindingKey)
 	if err != nil {
 		return nil, r.deny(ctx, au, refused(attest.ErrBindingKey, "not an X-Wing public key: %v", err))
+	}
+	// The session's one public-key operation: every release on it is an
+	// AES-GCM seal under K.
+	enc, rk, err := newReleaseKey(r.rand, binding)
+	if err != nil {
+		return nil, err
 	}
 
 	raw := make([]byte, sessionTokenSize)
 	if _, err := io.ReadFull(r.rand, raw); err != nil {
+		rk.zero()
 		return nil, fmt.Errorf("kms: session token: %w", err)
 	}
 	s := &session{
@@ -309,7 +318,7 @@ func (r *ReleaseService) Complete(ctx context.Context, id string, ev *attest.Evi
 		node:         node,
 		class:        class,
 		ek:           v.EK,
-		binding:      binding,
+		rk:           rk,
 		pcrs:         class.PCRs,
 		evidenceHash: v.EvidenceHash,
 		expires:      now.Add(r.cfg.SessionTTL),
@@ -318,6 +327,7 @@ func (r *ReleaseService) Complete(ctx context.Context, id string, ev *attest.Evi
 		s.ek = p.ch.EK
 	}
 	if err := r.putSession(s, now); err != nil {
+		rk.zero()
 		return nil, r.deny(ctx, au, err)
 	}
 	au.Allowed = true
@@ -332,6 +342,7 @@ func (r *ReleaseService) Complete(ctx context.Context, id string, ev *attest.Evi
 		Labels:        maps.Clone(node.Labels),
 		EKFingerprint: node.EKFingerprint,
 		Expires:       s.expires,
+		Enc:           enc,
 	}, nil
 }
 
@@ -379,13 +390,18 @@ func (r *ReleaseService) removeLocked(s *session) {
 
 // endLocked ends s but keeps it until it expires, so that its holder
 // learns why (PermissionDenied with the reason) rather than being told the
-// session is unknown.
+// session is unknown. Its release key is wiped now: an ended session
+// releases nothing more. (A release that read the session before it ended
+// may still finish with its own reference to the AEAD.)
 func (r *ReleaseService) endLocked(s *session, reason string) {
 	if s.ended != "" {
 		return
 	}
 	s.ended = reason
-	s.binding, s.ek = nil, nil
+	if s.rk != nil {
+		s.rk.zero()
+	}
+	s.rk, s.ek = nil, nil
 	name := s.node.Name
 	live := r.byNode[name]
 	for i, t := range live {
@@ -448,7 +464,7 @@ type sessionView struct {
 	node         *Node
 	class        *NodeClass
 	ek           *attest.EK
-	binding      kem.PublicKey
+	rk           *releaseKey
 	pcrs         map[uint32][]byte
 	evidenceHash [32]byte
 }
@@ -469,7 +485,7 @@ func (r *ReleaseService) lookup(token string, now time.Time) (sessionView, error
 	var ended string
 	var expires time.Time
 	if s != nil {
-		v = sessionView{node: s.node, class: s.class, ek: s.ek, binding: s.binding, pcrs: s.pcrs, evidenceHash: s.evidenceHash}
+		v = sessionView{node: s.node, class: s.class, ek: s.ek, rk: s.rk, pcrs: s.pcrs, evidenceHash: s.evidenceHash}
 		ended, expires = s.ended, s.expires
 	}
 	r.sessMu.RUnlock()

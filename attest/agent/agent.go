@@ -66,6 +66,9 @@ type Agent struct {
 
 	bindingSK *xwing.PrivateKey
 	bindingPK []byte
+	// sessionKeys are the session release keys derived from the binding
+	// key and not yet wiped: Close wipes them with it.
+	sessionKeys map[*SessionKey]struct{}
 }
 
 // New loads the node's identity from tpm: it creates the EK from the TCG
@@ -282,8 +285,8 @@ func (a *Agent) EKPublic() []byte { return clone(a.ekPub) }
 // AKPublic returns the AK public area as TPM2B_PUBLIC.
 func (a *Agent) AKPublic() []byte { return clone(a.akPub) }
 
-// BindingPublicKey returns the raw X-Wing public key that released data
-// keys are sealed to.
+// BindingPublicKey returns the raw X-Wing public key that the server
+// encapsulates each session's release key to.
 func (a *Agent) BindingPublicKey() []byte { return clone(a.bindingPK) }
 
 func clone(b []byte) []byte {
@@ -487,7 +490,9 @@ func (a *Agent) EventLog() ([]byte, error) {
 }
 
 // Close flushes the EK and AK from the TPM and wipes the binding private
-// key. The Agent is unusable afterwards; the TPM transport stays open.
+// key and every session key derived from it (their Open fails with
+// ErrClosed from then on). The Agent is unusable afterwards; the TPM
+// transport stays open.
 func (a *Agent) Close() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -503,6 +508,10 @@ func (a *Agent) Close() error {
 		*a.bindingSK = xwing.PrivateKey{}
 		a.bindingSK = nil
 	}
+	for k := range a.sessionKeys {
+		k.wipe(ErrClosed)
+	}
+	clear(a.sessionKeys)
 	return err
 }
 

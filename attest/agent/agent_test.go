@@ -7,8 +7,10 @@ import (
 	"crypto/rsa"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
@@ -243,38 +245,123 @@ func TestQuote(t *testing.T) {
 	requireHandles(t, tpm, 2, "refused Quotes")
 }
 
-func TestOpenHPKE(t *testing.T) {
+// TestSessionKey: the node's session key K, derived through the real
+// X-Wing from the server's encapsulation, is the server's K, and opens
+// exactly what the server sealed under it for that envelope.
+func TestSessionKey(t *testing.T) {
 	tpm := openSimulator(t)
 	a := newAgent(t, tpm, agent.Options{})
+	srv := mustServerSession(t, a.BindingPublicKey())
+	if len(srv.enc) != agent.SessionEncSize {
+		t.Fatalf("enc of %d bytes, SessionEncSize %d", len(srv.enc), agent.SessionEncSize)
+	}
+	k, err := a.DeriveSessionKey(srv.enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := agent.SessionKeyBytes(k); !bytes.Equal(got, srv.k) {
+		t.Fatalf("node K %x, server K %x", got, srv.k)
+	}
+	for _, out := range []string{fmt.Sprint(k), fmt.Sprintf("%v %+v %#v %x %s", k, k, k, k, k)} {
+		if strings.Contains(out, fmt.Sprintf("%x", srv.k)) || !strings.Contains(out, "redacted") {
+			t.Fatalf("a session key prints as %q", out)
+		}
+	}
+
 	key := bytes.Repeat([]byte{0x42}, 32)
 	envelope := []byte("envelope bytes")
-	sealed := sealHPKE(t, a.BindingPublicKey(), key, envelope)
-	got, err := a.OpenHPKE(sealed, envelope)
+	sealed := srv.seal(key, envelope)
+	got, err := k.Open(sealed, envelope)
 	if err != nil || !bytes.Equal(got, key) {
-		t.Fatalf("OpenHPKE = %x, %v", got, err)
+		t.Fatalf("Open = %x, %v", got, err)
 	}
-	if _, err := a.OpenHPKE(sealed, []byte("another envelope")); !errors.Is(err, agent.ErrOpen) {
-		t.Errorf("wrong aad: %v, want ErrOpen", err)
+	second := srv.seal(key, envelope)
+	if second.Seq == sealed.Seq {
+		t.Fatal("two releases with one sequence number")
 	}
-	tampered := &coffrev1.HPKESealed{Suite: sealed.Suite, Enc: sealed.Enc, Ciphertext: bytes.Clone(sealed.Ciphertext)}
+	if got, err := k.Open(second, envelope); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("second release: %x, %v", got, err)
+	}
+
+	tampered := &coffrev1.SessionSealed{Seq: sealed.Seq, Ciphertext: bytes.Clone(sealed.Ciphertext)}
 	tampered.Ciphertext[0] ^= 1
-	if _, err := a.OpenHPKE(tampered, envelope); !errors.Is(err, agent.ErrOpen) {
-		t.Errorf("tampered ciphertext: %v, want ErrOpen", err)
+	for name, c := range map[string]struct {
+		sealed   *coffrev1.SessionSealed
+		envelope []byte
+	}{
+		"another envelope":      {sealed, []byte("another envelope")},
+		"envelope prefix":       {sealed, envelope[:len(envelope)-1]},
+		"tampered ciphertext":   {tampered, envelope},
+		"another seq":           {&coffrev1.SessionSealed{Seq: sealed.Seq + 1, Ciphertext: sealed.Ciphertext}, envelope},
+		"seq 0":                 {srv.sealAt(0, key, envelope), envelope},
+		"seq past 2^32":         {srv.sealAt(1<<32+1, key, envelope), envelope},
+		"short ciphertext":      {&coffrev1.SessionSealed{Seq: 1, Ciphertext: sealed.Ciphertext[:47]}, envelope},
+		"a 31-byte key":         {srv.sealAt(9, key[:31], envelope), envelope},
+		"nil":                   {nil, envelope},
+		"no ciphertext":         {&coffrev1.SessionSealed{Seq: 1}, envelope},
+		"another session's key": {mustServerSession(t, a.BindingPublicKey()).seal(key, envelope), envelope},
+	} {
+		if _, err := k.Open(c.sealed, c.envelope); !errors.Is(err, agent.ErrOpen) {
+			t.Errorf("%s: %v, want ErrOpen", name, err)
+		}
 	}
-	if _, err := a.OpenHPKE(&coffrev1.HPKESealed{Suite: "X25519/HKDF-SHA256/AES-256-GCM", Enc: sealed.Enc, Ciphertext: sealed.Ciphertext}, envelope); !errors.Is(err, agent.ErrOpen) {
-		t.Errorf("other suite: %v, want ErrOpen", err)
+	// The largest sequence number a server uses still opens.
+	if got, err := k.Open(srv.sealAt(1<<32, key, envelope), envelope); err != nil || !bytes.Equal(got, key) {
+		t.Errorf("seq 2^32: %x, %v", got, err)
 	}
-	if _, err := a.OpenHPKE(nil, envelope); !errors.Is(err, agent.ErrOpen) {
-		t.Errorf("nil: %v, want ErrOpen", err)
+	var none *agent.SessionKey
+	if _, err := none.Open(sealed, envelope); !errors.Is(err, agent.ErrOpen) {
+		t.Errorf("no session key: %v, want ErrOpen", err)
+	}
+
+	// A second session of the same node has another K: what was sealed
+	// under the first does not open under the second.
+	srv2 := mustServerSession(t, a.BindingPublicKey())
+	k2, err := a.DeriveSessionKey(srv2.enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(agent.SessionKeyBytes(k2), agent.SessionKeyBytes(k)) {
+		t.Fatal("two sessions share a key")
+	}
+	if _, err := k2.Open(sealed, envelope); !errors.Is(err, agent.ErrOpen) {
+		t.Errorf("session 1's key opened under session 2: %v", err)
+	}
+
+	for _, enc := range [][]byte{nil, srv.enc[:len(srv.enc)-1], append(bytes.Clone(srv.enc), 0)} {
+		if _, err := a.DeriveSessionKey(enc); !errors.Is(err, agent.ErrMalformed) {
+			t.Errorf("enc of %d bytes: %v, want ErrMalformed", len(enc), err)
+		}
+	}
+
+	// Zero wipes one key; Close wipes the rest with the binding key.
+	k2.Zero()
+	if agent.SessionKeyBytes(k2) != nil {
+		t.Error("Zero left the key")
+	}
+	if _, err := k2.Open(srv2.seal(key, envelope), envelope); !errors.Is(err, agent.ErrOpen) {
+		t.Errorf("after Zero: %v, want ErrOpen", err)
 	}
 	_ = a.Close()
-	if _, err := a.OpenHPKE(sealed, envelope); !errors.Is(err, agent.ErrClosed) {
+	if agent.SessionKeyBytes(k) != nil {
+		t.Error("Close left a session key")
+	}
+	if _, err := k.Open(sealed, envelope); !errors.Is(err, agent.ErrClosed) {
 		t.Errorf("after Close: %v, want ErrClosed", err)
+	}
+	if _, err := a.DeriveSessionKey(srv.enc); !errors.Is(err, agent.ErrClosed) {
+		t.Errorf("DeriveSessionKey after Close: %v, want ErrClosed", err)
 	}
 	// One Agent per TPM at a time (its EK and AK hold two of the three
 	// object slots a TPM may have), so the next one comes after Close.
+	// Another binding key decapsulates enc to another K (X-Wing rejects
+	// implicitly), which opens nothing.
 	other := newAgent(t, tpm, agent.Options{})
-	if _, err := other.OpenHPKE(sealed, envelope); !errors.Is(err, agent.ErrOpen) {
+	ko, err := other.DeriveSessionKey(srv.enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ko.Open(sealed, envelope); !errors.Is(err, agent.ErrOpen) {
 		t.Errorf("another agent's binding key opened it: %v", err)
 	}
 }

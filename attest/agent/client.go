@@ -60,6 +60,15 @@ type session struct {
 	// TPM-bound data key's policy is over the node class's PCRs, which
 	// the server asked this node to quote.
 	pcrs []uint32
+	// key is the session release key, which opens the session's
+	// SessionSealed keys.
+	key *SessionKey
+	// users counts the calls using the session; retired is set once it
+	// is replaced or the Client closed. The key is wiped when both say
+	// it is done with: a call still in flight on a replaced session can
+	// open what the server sealed for it. Guarded by Client.mu.
+	users   int
+	retired bool
 }
 
 // Client is the Coffre client that storage software embeds: it attests
@@ -74,8 +83,9 @@ type Client struct {
 	now    func() time.Time
 
 	attesting chan struct{} // one attestation at a time; a channel so waiting honours ctx
-	mu        sync.Mutex    // guards sess
+	mu        sync.Mutex    // guards sess, closed and the sessions' users and retired
 	sess      *session
+	closed    bool
 }
 
 // NewClient returns a Client that talks to the Coffre server over conn
@@ -115,10 +125,31 @@ func (c *Client) Attest(ctx context.Context) (*Session, error) {
 		return nil, err
 	}
 	defer c.release()
-	if _, err := c.attestLocked(ctx); err != nil {
+	s, err := c.attestLocked(ctx)
+	if err != nil {
 		return nil, err
 	}
+	c.put(s)
 	return c.Session(), nil
+}
+
+// Close wipes the session release key (at once, or when the calls in
+// flight on it have opened their keys) and makes every later call fail
+// with ErrClosed. It closes neither the connection nor the Agent (whose
+// own Close also wipes every session key derived from it); the server's
+// session lives on until it expires.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	if c.sess != nil {
+		c.retireLocked(c.sess)
+		c.sess = nil
+	}
+	return nil
 }
 
 func (c *Client) acquire(ctx context.Context) error {
@@ -132,48 +163,101 @@ func (c *Client) acquire(ctx context.Context) error {
 
 func (c *Client) release() { <-c.attesting }
 
-func (c *Client) current() *session {
+// held returns the current session (nil if none) counted as in use, to
+// be given back with put.
+func (c *Client) held() (*session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.sess
+	if c.closed {
+		return nil, ErrClosed
+	}
+	if c.sess != nil {
+		c.sess.users++
+	}
+	return c.sess, nil
 }
 
-// ensure returns a session that is not due for renewal, attesting if
-// there is none or the current one is within ReattestBefore of expiry.
+// put gives back a session taken with held (or returned by ensure, renew
+// or attestLocked), wiping its key if it was retired meanwhile.
+func (c *Client) put(s *session) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s.users--
+	if s.retired && s.users == 0 {
+		s.key.Zero()
+	}
+}
+
+// retireLocked marks s replaced; its key goes when its last user does.
+func (c *Client) retireLocked(s *session) {
+	s.retired = true
+	if s.users == 0 {
+		s.key.Zero()
+	}
+}
+
+// ensure returns a session that is not due for renewal, counted as in
+// use, attesting if there is none or the current one is within
+// ReattestBefore of expiry.
 func (c *Client) ensure(ctx context.Context) (*session, error) {
-	s := c.current()
-	if s != nil && c.now().Before(s.refreshAt) {
-		return s, nil
+	s, err := c.held()
+	if err != nil {
+		return nil, err
+	}
+	if s != nil {
+		if c.now().Before(s.refreshAt) {
+			return s, nil
+		}
+		c.put(s)
 	}
 	return c.renew(ctx, s)
 }
 
 // renew replaces stale (the session found due, or refused by the server),
-// unless another caller already replaced it while this one waited.
+// unless another caller already replaced it while this one waited. The
+// session it returns is counted as in use.
 func (c *Client) renew(ctx context.Context, stale *session) (*session, error) {
 	if err := c.acquire(ctx); err != nil {
 		return nil, err
 	}
 	defer c.release()
-	if s := c.current(); s != nil && s != stale && c.now().Before(s.refreshAt) {
-		return s, nil
+	s, err := c.held()
+	if err != nil {
+		return nil, err
+	}
+	if s != nil {
+		if s != stale && c.now().Before(s.refreshAt) {
+			return s, nil
+		}
+		c.put(s)
 	}
 	return c.attestLocked(ctx)
 }
 
-// attestLocked runs one attestation; the caller holds c.attesting. A
-// failed attestation also drops the current session: the server ends a
-// node's sessions when its re-attestation fails, and a client that kept
-// using the old token would only learn that one call later.
+// attestLocked runs one attestation and returns the new session counted
+// as in use; the caller holds c.attesting. A failed attestation also
+// drops the current session: the server ends a node's sessions when its
+// re-attestation fails, and a client that kept using the old token would
+// only learn that one call later.
 func (c *Client) attestLocked(ctx context.Context) (*session, error) {
 	s, err := c.attestOnce(ctx)
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.closed {
+		if s != nil {
+			s.key.Zero()
+		}
+		return nil, ErrClosed
+	}
+	if old := c.sess; old != nil {
+		c.retireLocked(old)
+	}
 	if err != nil {
 		c.sess = nil
 		return nil, err
 	}
 	c.sess = s
+	s.users++
 	return s, nil
 }
 
@@ -238,7 +322,8 @@ func (c *Client) attestOnce(ctx context.Context) (*session, error) {
 	return s, nil
 }
 
-// newSession validates the server's CompleteResponse.
+// newSession validates the server's CompleteResponse and derives the
+// session release key from its session_enc.
 func (c *Client) newSession(r *coffrev1.CompleteResponse, pcrs []uint32) (*session, error) {
 	tok := r.GetSessionToken()
 	if tok == "" || len(tok) > maxSessionToken {
@@ -258,6 +343,13 @@ func (c *Client) newSession(r *coffrev1.CompleteResponse, pcrs []uint32) (*sessi
 	if c.opts.ReattestBefore > 0 {
 		before = min(c.opts.ReattestBefore, lifetime/2)
 	}
+	if len(r.GetSessionEnc()) == 0 {
+		return nil, fmt.Errorf("%w: no session_enc", ErrNoSession)
+	}
+	key, err := c.agent.DeriveSessionKey(r.GetSessionEnc())
+	if err != nil {
+		return nil, err
+	}
 	return &session{
 		pub: Session{
 			Token:   tok,
@@ -268,6 +360,7 @@ func (c *Client) newSession(r *coffrev1.CompleteResponse, pcrs []uint32) (*sessi
 		},
 		refreshAt: expires.Add(-before),
 		pcrs:      pcrs,
+		key:       key,
 	}, nil
 }
 
@@ -283,9 +376,11 @@ func (c *Client) rpc(ctx context.Context, token string, call func(context.Contex
 }
 
 // keyCall runs a KeyService call with a fresh session. If the server says
-// Unauthenticated (session expired, unknown, or ended by a restart), it
-// attests again and retries once; PermissionDenied (policy refusal,
-// revoked node) is final and never retried.
+// Unauthenticated (session expired, unknown, exhausted, or ended by a
+// restart), it attests again and retries once; PermissionDenied (policy
+// refusal, revoked node) is final and never retried. On success the
+// session the answer came on is returned counted as in use: the caller
+// opens the answer's key under it, then gives it back with put.
 func keyCall[T any](ctx context.Context, c *Client, call func(context.Context) (T, error)) (T, *session, error) {
 	var zero T
 	s, err := c.ensure(ctx)
@@ -301,12 +396,14 @@ func keyCall[T any](ctx context.Context, c *Client, call func(context.Context) (
 	}
 	err = run(s)
 	if status.Code(err) == codes.Unauthenticated {
+		c.put(s)
 		if s, err = c.renew(ctx, s); err != nil {
 			return zero, nil, err
 		}
 		err = run(s)
 	}
 	if err != nil {
+		c.put(s)
 		return zero, nil, err
 	}
 	return out, s, nil
@@ -315,8 +412,11 @@ func keyCall[T any](ctx context.Context, c *Client, call func(context.Context) (
 // open opens a sealed data key released under session s.
 func (c *Client) open(ctx context.Context, s *session, k *coffrev1.SealedKey, envelope []byte) ([]byte, error) {
 	switch seal := k.GetSeal().(type) {
-	case *coffrev1.SealedKey_Hpke:
-		return c.agent.OpenHPKE(seal.Hpke, envelope)
+	case *coffrev1.SealedKey_Session:
+		if s.key == nil {
+			return nil, ErrOpen
+		}
+		return s.key.Open(seal.Session, envelope)
 	case *coffrev1.SealedKey_Tpm:
 		return c.agent.OpenTPM(ctx, seal.Tpm, s.pcrs)
 	default:
@@ -335,6 +435,7 @@ func (c *Client) GenerateDataKey(ctx context.Context, keyring string, ec map[str
 	if err != nil {
 		return nil, nil, fmt.Errorf("coffre: GenerateDataKey %s: %w", keyring, err)
 	}
+	defer c.put(s)
 	if len(rsp.GetEnvelope()) == 0 {
 		return nil, nil, fmt.Errorf("coffre: GenerateDataKey %s: %w: empty envelope", keyring, ErrMalformed)
 	}
@@ -354,6 +455,7 @@ func (c *Client) Decrypt(ctx context.Context, envelope []byte, ec map[string]str
 	if err != nil {
 		return nil, fmt.Errorf("coffre: Decrypt: %w", err)
 	}
+	defer c.put(s)
 	key, err := c.open(ctx, s, rsp.GetKey(), envelope)
 	if err != nil {
 		return nil, fmt.Errorf("coffre: Decrypt: %w", err)
@@ -365,7 +467,7 @@ func (c *Client) Decrypt(ctx context.Context, envelope []byte, ec map[string]str
 // keeps its keyring) and context destEC (nil keeps ec), without the data
 // key reaching this node.
 func (c *Client) ReEncrypt(ctx context.Context, envelope []byte, ec map[string]string, destKeyring string, destEC map[string]string) ([]byte, error) {
-	rsp, _, err := keyCall(ctx, c, func(ctx context.Context) (*coffrev1.ReEncryptResponse, error) {
+	rsp, s, err := keyCall(ctx, c, func(ctx context.Context) (*coffrev1.ReEncryptResponse, error) {
 		return c.keys.ReEncrypt(ctx, &coffrev1.ReEncryptRequest{
 			Envelope:           envelope,
 			Context:            ec,
@@ -376,6 +478,7 @@ func (c *Client) ReEncrypt(ctx context.Context, envelope []byte, ec map[string]s
 	if err != nil {
 		return nil, fmt.Errorf("coffre: ReEncrypt: %w", err)
 	}
+	c.put(s)
 	if len(rsp.GetEnvelope()) == 0 {
 		return nil, fmt.Errorf("coffre: ReEncrypt: %w: empty envelope", ErrMalformed)
 	}

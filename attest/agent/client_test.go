@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -39,11 +40,18 @@ type fakeServer struct {
 	pcrs       []uint32
 	tpmRelease bool
 	deny       bool
-	challenges int
-	keyCalls   int
-	pending    map[string]challenge
-	sessions   map[string]fakeSession
-	keys       map[string][]byte // envelope -> data key
+	noEnc      bool // Complete sends no session_enc
+	corrupt    bool // releases carry a flipped ciphertext bit
+	// gate, when set, holds GenerateDataKey (before it takes mu) until
+	// closed, after signalling entered.
+	gate, entered chan struct{}
+	challenges    int
+	keyCalls      int
+	seqs          []uint64 // of every session-sealed release
+	pending       map[string]challenge
+	sessions      map[string]*fakeSession
+	keys          map[string][]byte // envelope -> data key
+	conn          *grpc.ClientConn  // the Client's, set by startClient
 }
 
 type challenge struct {
@@ -51,8 +59,9 @@ type challenge struct {
 }
 
 type fakeSession struct {
-	binding, ekPub []byte
-	pcrs           map[uint32][]byte
+	rk    *serverSession
+	ekPub []byte
+	pcrs  map[uint32][]byte
 }
 
 func random(n int) []byte {
@@ -95,37 +104,46 @@ func (s *fakeServer) Complete(_ context.Context, r *coffrev1.CompleteRequest) (*
 	for _, v := range r.GetPcrs() {
 		vals[v.GetIndex()] = v.GetSha256()
 	}
+	rk, err := newServerSession(r.GetBindingPublicKey())
+	if err != nil {
+		return nil, status.Error(codes.PermissionDenied, "binding key")
+	}
 	tok := fmt.Sprintf("tok-%d", s.challenges)
-	s.sessions[tok] = fakeSession{binding: r.GetBindingPublicKey(), ekPub: ch.ekPub, pcrs: vals}
-	return &coffrev1.CompleteResponse{
+	s.sessions[tok] = &fakeSession{rk: rk, ekPub: ch.ekPub, pcrs: vals}
+	rsp := &coffrev1.CompleteResponse{
 		SessionToken: tok, ExpireTime: timestamppb.New(time.Now().Add(s.ttl)),
 		Node: "node-1", NodeClass: "storage", Labels: map[string]string{"jurisdiction": "ca-qc"},
-	}, nil
+		SessionEnc: rk.enc,
+	}
+	if s.noEnc {
+		rsp.SessionEnc = nil
+	}
+	return rsp, nil
 }
 
 // session checks the call's token: Unauthenticated for an unknown one,
 // PermissionDenied when the test says the policy refuses.
-func (s *fakeServer) session(ctx context.Context) (fakeSession, error) {
+func (s *fakeServer) session(ctx context.Context) (*fakeSession, error) {
 	s.keyCalls++
 	md, _ := metadata.FromIncomingContext(ctx)
 	toks := md.Get(agent.SessionMetadataKey)
 	if _, ok := ctx.Deadline(); !ok {
-		return fakeSession{}, status.Error(codes.InvalidArgument, "no deadline")
+		return nil, status.Error(codes.InvalidArgument, "no deadline")
 	}
 	if len(toks) != 1 {
-		return fakeSession{}, status.Error(codes.Unauthenticated, "no session")
+		return nil, status.Error(codes.Unauthenticated, "no session")
 	}
 	sess, ok := s.sessions[toks[0]]
 	if !ok {
-		return fakeSession{}, status.Error(codes.Unauthenticated, "unknown or expired session")
+		return nil, status.Error(codes.Unauthenticated, "unknown or expired session")
 	}
 	if s.deny {
-		return fakeSession{}, status.Error(codes.PermissionDenied, "keyring policy refuses this node")
+		return nil, status.Error(codes.PermissionDenied, "keyring policy refuses this node")
 	}
 	return sess, nil
 }
 
-func (s *fakeServer) seal(sess fakeSession, key, envelope []byte) (*coffrev1.SealedKey, error) {
+func (s *fakeServer) seal(sess *fakeSession, key, envelope []byte) (*coffrev1.SealedKey, error) {
 	if s.tpmRelease {
 		d, err := duplicateFor(sess.ekPub, key, s.pcrs, sess.pcrs)
 		if err != nil {
@@ -133,14 +151,19 @@ func (s *fakeServer) seal(sess fakeSession, key, envelope []byte) (*coffrev1.Sea
 		}
 		return &coffrev1.SealedKey{Seal: &coffrev1.SealedKey_Tpm{Tpm: d}}, nil
 	}
-	h, err := sealTo(sess.binding, key, envelope)
-	if err != nil {
-		return nil, err
+	sealed := sess.rk.seal(key, envelope)
+	s.seqs = append(s.seqs, sealed.GetSeq())
+	if s.corrupt {
+		sealed.Ciphertext[len(sealed.Ciphertext)-1] ^= 1
 	}
-	return &coffrev1.SealedKey{Seal: &coffrev1.SealedKey_Hpke{Hpke: h}}, nil
+	return &coffrev1.SealedKey{Seal: &coffrev1.SealedKey_Session{Session: sealed}}, nil
 }
 
 func (s *fakeServer) GenerateDataKey(ctx context.Context, r *coffrev1.GenerateDataKeyRequest) (*coffrev1.GenerateDataKeyResponse, error) {
+	if s.gate != nil {
+		s.entered <- struct{}{}
+		<-s.gate
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sess, err := s.session(ctx)
@@ -187,7 +210,7 @@ func (s *fakeServer) ReEncrypt(ctx context.Context, r *coffrev1.ReEncryptRequest
 func (s *fakeServer) forget() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.sessions = map[string]fakeSession{}
+	s.sessions = map[string]*fakeSession{}
 }
 
 func (s *fakeServer) counts() (challenges, keyCalls int) {
@@ -201,7 +224,7 @@ func (s *fakeServer) counts() (challenges, keyCalls int) {
 func startClient(t *testing.T, srv *fakeServer, opts agent.ClientOptions) (*agent.Client, *agent.Agent) {
 	t.Helper()
 	srv.pending = map[string]challenge{}
-	srv.sessions = map[string]fakeSession{}
+	srv.sessions = map[string]*fakeSession{}
 	srv.keys = map[string][]byte{}
 	if srv.ttl == 0 {
 		srv.ttl = time.Hour
@@ -220,6 +243,7 @@ func startClient(t *testing.T, srv *fakeServer, opts agent.ClientOptions) (*agen
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
+	srv.conn = conn
 	a := newAgent(t, openSimulator(t), agent.Options{})
 	return agent.NewClient(conn, a, opts), a
 }
@@ -354,5 +378,137 @@ func TestClientRefusedAttestation(t *testing.T) {
 	}
 	if c.Session() != nil {
 		t.Errorf("a session after a failed attestation")
+	}
+}
+
+// The Client's session key is the server's K, derived through the real
+// X-Wing from session_enc, and successive releases carry distinct
+// sequence numbers.
+func TestClientSessionKey(t *testing.T) {
+	srv := &fakeServer{pcrs: []uint32{0}}
+	c, _ := startClient(t, srv, agent.ClientOptions{})
+	ctx := context.Background()
+	sess, err := c.Attest(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.mu.Lock()
+	serverK := srv.sessions[sess.Token].rk.k
+	srv.mu.Unlock()
+	k := agent.CurrentSessionKey(c)
+	if got := agent.SessionKeyBytes(k); len(got) != 32 || !bytes.Equal(got, serverK) {
+		t.Fatalf("client K %x, server K %x", got, serverK)
+	}
+	for range 3 {
+		if _, _, err := c.GenerateDataKey(ctx, "t/r", nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.mu.Lock()
+	seqs := slices.Clone(srv.seqs)
+	srv.mu.Unlock()
+	if !slices.Equal(seqs, []uint64{1, 2, 3}) {
+		t.Errorf("sequence numbers %v, want 1 2 3", seqs)
+	}
+
+	// Re-attesting replaces the key and wipes the old one.
+	if _, err := c.Attest(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if agent.SessionKeyBytes(k) != nil {
+		t.Error("the replaced session's key was not wiped")
+	}
+	if k2 := agent.CurrentSessionKey(c); k2 == k || agent.SessionKeyBytes(k2) == nil {
+		t.Error("no new session key")
+	}
+}
+
+func TestClientRefusesSessionWithoutEnc(t *testing.T) {
+	srv := &fakeServer{pcrs: []uint32{0}, noEnc: true}
+	c, _ := startClient(t, srv, agent.ClientOptions{})
+	_, _, err := c.GenerateDataKey(context.Background(), "t/r", nil)
+	if !errors.Is(err, agent.ErrNoSession) {
+		t.Fatalf("no session_enc: %v, want ErrNoSession", err)
+	}
+	if c.Session() != nil {
+		t.Error("a session without a session key")
+	}
+}
+
+// A release that does not open is ErrOpen, and not a reason to attest.
+func TestClientReleaseThatDoesNotOpen(t *testing.T) {
+	srv := &fakeServer{pcrs: []uint32{0}, corrupt: true}
+	c, _ := startClient(t, srv, agent.ClientOptions{})
+	_, _, err := c.GenerateDataKey(context.Background(), "t/r", nil)
+	if !errors.Is(err, agent.ErrOpen) {
+		t.Fatalf("corrupted release: %v, want ErrOpen", err)
+	}
+	if ch, calls := srv.counts(); ch != 1 || calls != 1 {
+		t.Errorf("%d attestations and %d key calls, want 1 and 1", ch, calls)
+	}
+}
+
+// A call in flight when its session is replaced still opens what the
+// server sealed for it: the old key is wiped only once that call is done.
+func TestClientReplacedSessionServesCallsInFlight(t *testing.T) {
+	srv := &fakeServer{pcrs: []uint32{0}}
+	c, _ := startClient(t, srv, agent.ClientOptions{})
+	ctx := context.Background()
+	if _, err := c.Attest(ctx); err != nil {
+		t.Fatal(err)
+	}
+	old := agent.CurrentSessionKey(c)
+	srv.gate, srv.entered = make(chan struct{}), make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := c.GenerateDataKey(ctx, "t/r", nil)
+		done <- err
+	}()
+	<-srv.entered
+	if _, err := c.Attest(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if agent.SessionKeyBytes(old) == nil {
+		t.Fatal("the old session's key was wiped while a call was using it")
+	}
+	close(srv.gate)
+	if err := <-done; err != nil {
+		t.Fatalf("the call in flight: %v", err)
+	}
+	if agent.SessionKeyBytes(old) != nil {
+		t.Error("the old session's key outlived its last call")
+	}
+}
+
+func TestClientClose(t *testing.T) {
+	srv := &fakeServer{pcrs: []uint32{0}}
+	c, a := startClient(t, srv, agent.ClientOptions{})
+	ctx := context.Background()
+	if _, _, err := c.GenerateDataKey(ctx, "t/r", nil); err != nil {
+		t.Fatal(err)
+	}
+	k := agent.CurrentSessionKey(c)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if agent.SessionKeyBytes(k) != nil {
+		t.Error("Close left the session key")
+	}
+	if _, _, err := c.GenerateDataKey(ctx, "t/r", nil); !errors.Is(err, agent.ErrClosed) {
+		t.Errorf("after Close: %v, want ErrClosed", err)
+	}
+	if _, err := c.Attest(ctx); !errors.Is(err, agent.ErrClosed) {
+		t.Errorf("Attest after Close: %v, want ErrClosed", err)
+	}
+
+	// The Agent's Close wipes the session keys of a Client still open.
+	c2 := agent.NewClient(srv.conn, a, agent.ClientOptions{})
+	if _, _, err := c2.GenerateDataKey(ctx, "t/r", nil); err != nil {
+		t.Fatal(err)
+	}
+	k2 := agent.CurrentSessionKey(c2)
+	_ = a.Close()
+	if agent.SessionKeyBytes(k2) != nil {
+		t.Error("Agent.Close left a Client's session key")
 	}
 }

@@ -22,23 +22,30 @@
 //	defer conn.Close()
 //
 //	c := agent.NewClient(conn, a, agent.ClientOptions{})
+//	defer c.Close()
 //	key, envelope, err := c.GenerateDataKey(ctx, "tenant/volumes", map[string]string{"volume": "v-17"})
 //	// encrypt with key (AES-256), store envelope next to the ciphertext,
 //	// forget key; later: key, err = c.Decrypt(ctx, envelope, sameContext)
 //
 // # What it guarantees
 //
-//   - A data key reaches this process only sealed: to the binding key,
-//     an X-Wing (ML-KEM-768 + X25519) HPKE key that exists only in this
-//     Agent's memory and was bound to the TPM quote of the session; or as
-//     a TPM duplicate that only this TPM, in the PCR state of the node's
-//     class, will unseal. The HPKE seal is bound to the envelope, so a key
-//     released for one envelope does not open as another's.
+//   - A data key reaches this process only sealed: under the session
+//     release key, which the server shared with this Agent once per
+//     session by HPKE to the binding key — an X-Wing (ML-KEM-768 + X25519)
+//     key that exists only in this Agent's memory and was bound to the
+//     TPM quote of the session; or as a TPM duplicate that only this TPM,
+//     in the PCR state of the node's class, will unseal. A session-sealed
+//     key is bound to its envelope and its session, so a key released for
+//     one envelope or session does not open as another's (kms/ENVELOPE.md,
+//     "Release sealing", specifies the sealing). The session key is wiped
+//     when the session is replaced (once the calls in flight on it are
+//     done), on Client.Close and on Agent.Close.
 //   - Attestation happens per session, never per request: the Client
 //     attests on first use and again when the session is within
 //     ClientOptions.ReattestBefore of expiry, and once more (retrying the
 //     call once) when the server says the session is unknown or expired
-//     (codes.Unauthenticated). A refusal (codes.PermissionDenied: keyring
+//     (codes.Unauthenticated, which includes a session that reached its
+//     2^32 releases). A refusal (codes.PermissionDenied: keyring
 //     policy, revoked node) is returned as is and never retried.
 //   - Every gRPC call has a deadline (ClientOptions.CallTimeout).
 //   - On swtpm or a raw TPM device, which have no resource manager, every
@@ -61,6 +68,6 @@
 // open, whatever the cause), ErrPCRPolicy (the TPM refused because of the
 // PCR state), ErrMalformed (bad input from the server), ErrPCRSelection,
 // ErrPCRChanged, ErrNoSession, ErrTPMSpec, ErrSimulatorBusy, ErrTransport,
-// ErrClosed. Errors from the server keep their gRPC status (status.Code
+// ErrClosed (the Agent or the Client was closed). Errors from the server keep their gRPC status (status.Code
 // works on them); TPM response codes match go-tpm's tpm2.TPMRC constants.
 package agent

@@ -14,7 +14,7 @@ var (
 	ErrSimulatorBusy = errors.New("agent: a TPM simulator is already open in this process")
 	// ErrTransport: talking to the TPM failed (connection, framing, timeout).
 	ErrTransport = errors.New("agent: TPM transport")
-	// ErrClosed: the Agent was closed.
+	// ErrClosed: the Agent (or the Client) was closed.
 	ErrClosed = errors.New("agent: closed")
 	// ErrPCRSelection: a PCR list is not a valid SHA-256 bank selection
 	// (index outside 0..23, duplicate).
@@ -33,6 +33,7 @@ var (
 	// machine's PCRs are not in the state the key is bound to. It always
 	// comes together with ErrOpen.
 	ErrPCRPolicy = errors.New("agent: PCR state differs from the one the key is bound to")
-	// ErrNoSession: the server did not issue a usable session.
+	// ErrNoSession: the server did not issue a usable session (no token,
+	// no valid expiry, or no session_enc to derive the session key from).
 	ErrNoSession = errors.New("agent: no session")
 )

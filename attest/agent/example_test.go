@@ -42,6 +42,7 @@ func ExampleNewClient() {
 	defer func() { _ = conn.Close() }()
 
 	c := agent.NewClient(conn, a, agent.ClientOptions{})
+	defer func() { _ = c.Close() }()
 	key, envelope, err := c.GenerateDataKey(ctx, "tenant/volumes", map[string]string{"volume": "v-17"})
 	if err != nil {
 		log.Fatal(err)

@@ -6,6 +6,8 @@ package agent
 
 import (
 	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -158,24 +160,80 @@ func FuzzCheckPCRs(f *testing.F) {
 	})
 }
 
-// FuzzOpenHPKE feeds arbitrary sealed keys to an Agent's HPKE opening
-// (no TPM is needed for it): every failure must be ErrOpen.
-func FuzzOpenHPKE(f *testing.F) {
+// FuzzOpenSessionSealed feeds arbitrary sealed keys (sequence number,
+// ciphertext, envelope) to a session key: every failure must be ErrOpen,
+// and only the one real release may open, to its data key.
+func FuzzOpenSessionSealed(f *testing.F) {
+	k := make([]byte, releaseKeySize)
+	if _, err := rand.Read(k); err != nil {
+		f.Fatal(err)
+	}
+	block, err := aes.NewCipher(k)
+	if err != nil {
+		f.Fatal(err)
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		f.Fatal(err)
+	}
+	sk, err := newSessionKey(bytes.Clone(k))
+	if err != nil {
+		f.Fatal(err)
+	}
+	// The real release, sealed independently of releaseAAD.
+	const seq = 7
+	dataKey, envelope := bytes.Repeat([]byte{0x5c}, DataKeySize), []byte("CFE\x01envelope")
+	nonce := make([]byte, 12)
+	binary.BigEndian.PutUint64(nonce[4:], seq)
+	aad := append([]byte("coffre release v1\x00\x00\x00"), byte(len(envelope)))
+	ct := aead.Seal(nil, nonce, dataKey, append(aad, envelope...))
+
+	f.Add(uint64(seq), ct, envelope)
+	f.Add(uint64(seq+1), ct, envelope)
+	f.Add(uint64(0), make([]byte, DataKeySize+gcmTagSize), []byte{})
+	f.Add(uint64(1<<32+seq), ct, envelope)
+	f.Add(uint64(seq), ct[:len(ct)-1], envelope)
+	f.Fuzz(func(t *testing.T, s uint64, c, env []byte) {
+		key, err := sk.Open(&coffrev1.SessionSealed{Seq: s, Ciphertext: c}, env)
+		if err != nil {
+			if !errors.Is(err, ErrOpen) {
+				t.Fatalf("error %v is not ErrOpen", err)
+			}
+			return
+		}
+		if s != seq || !bytes.Equal(c, ct) || !bytes.Equal(env, envelope) {
+			t.Fatalf("seq %d, ciphertext %x, envelope %q opened: only the real release may", s, c, env)
+		}
+		if !bytes.Equal(key, dataKey) {
+			t.Fatalf("opened to %x, want %x", key, dataKey)
+		}
+	})
+}
+
+// FuzzDeriveSessionKey feeds arbitrary session_enc values to the
+// derivation (no TPM is needed for it): it refuses what is not an X-Wing
+// ciphertext with ErrMalformed and derives a 32-byte key from the rest.
+func FuzzDeriveSessionKey(f *testing.F) {
 	sk, pk, err := xwing.GenerateKeyPair(rand.Reader)
 	if err != nil {
 		f.Fatal(err)
 	}
 	a := &Agent{bindingSK: sk, bindingPK: make([]byte, xwing.PublicKeySize)}
 	pk.Pack(a.bindingPK)
-	f.Add(HPKESuiteName, make([]byte, xwing.CiphertextSize), make([]byte, 48), []byte("env"))
-	f.Add("", []byte{}, []byte{}, []byte{})
-	f.Fuzz(func(t *testing.T, suite string, enc, ct, envelope []byte) {
-		key, err := a.OpenHPKE(&coffrev1.HPKESealed{Suite: suite, Enc: enc, Ciphertext: ct}, envelope)
-		if err != nil && !errors.Is(err, ErrOpen) {
-			t.Fatalf("error %v is not ErrOpen", err)
+	f.Add(make([]byte, xwing.CiphertextSize))
+	f.Add([]byte{})
+	f.Add(make([]byte, xwing.CiphertextSize+1))
+	f.Fuzz(func(t *testing.T, enc []byte) {
+		k, err := a.DeriveSessionKey(enc)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("error %v is not ErrMalformed", err)
+			}
+			return
 		}
-		if err == nil && len(key) != DataKeySize {
-			t.Fatalf("opened a %d-byte key", len(key))
+		defer k.Zero()
+		if len(enc) != SessionEncSize || len(k.k) != releaseKeySize {
+			t.Fatalf("a %d-byte key from a %d-byte enc", len(k.k), len(enc))
 		}
 	})
 }

@@ -12,12 +12,15 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/asn1"
+	"encoding/binary"
 	"math/big"
 	"slices"
 	"testing"
@@ -249,22 +252,23 @@ func publicArea(pub2b []byte) (*tpm2.TPMTPublic, error) {
 	return p.Contents()
 }
 
-// sealHPKE is the server's HPKE release of key to a binding key.
-func sealHPKE(t *testing.T, bindingPub, key, envelope []byte) *coffrev1.HPKESealed {
-	t.Helper()
-	s, err := sealTo(bindingPub, key, envelope)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+// serverSession is the server's half of a session's release key, written
+// independently of the agent from the convention (kms/ENVELOPE.md,
+// "Release sealing"): HPKE base mode to the binding key, K exported from
+// the context, then AES-256-GCM under K per release.
+type serverSession struct {
+	enc  []byte
+	k    []byte
+	aead cipher.AEAD
+	seq  uint64 // the last sequence number used
 }
 
-func sealTo(bindingPub, key, envelope []byte) (*coffrev1.HPKESealed, error) {
+func newServerSession(bindingPub []byte) (*serverSession, error) {
 	pk, err := hpke.KEM_XWING.Scheme().UnmarshalBinaryPublicKey(bindingPub)
 	if err != nil {
 		return nil, err
 	}
-	s, err := hpke.NewSuite(hpke.KEM_XWING, hpke.KDF_HKDF_SHA256, hpke.AEAD_AES256GCM).NewSender(pk, []byte("coffre release v1"))
+	s, err := hpke.NewSuite(hpke.KEM_XWING, hpke.KDF_HKDF_SHA256, hpke.AEAD_AES256GCM).NewSender(pk, []byte("coffre session v1"))
 	if err != nil {
 		return nil, err
 	}
@@ -272,11 +276,43 @@ func sealTo(bindingPub, key, envelope []byte) (*coffrev1.HPKESealed, error) {
 	if err != nil {
 		return nil, err
 	}
-	ct, err := sealer.Seal(key, envelope)
+	k := sealer.Export([]byte("coffre release key v1"), 32)
+	block, err := aes.NewCipher(k)
 	if err != nil {
 		return nil, err
 	}
-	return &coffrev1.HPKESealed{Suite: agent.HPKESuiteName, Enc: enc, Ciphertext: ct}, nil
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	return &serverSession{enc: enc, k: k, aead: aead}, nil
+}
+
+// mustServerSession is newServerSession for tests.
+func mustServerSession(t *testing.T, bindingPub []byte) *serverSession {
+	t.Helper()
+	s, err := newServerSession(bindingPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// seal is the server's release of key for envelope, with the next
+// sequence number.
+func (s *serverSession) seal(key, envelope []byte) *coffrev1.SessionSealed {
+	s.seq++
+	return s.sealAt(s.seq, key, envelope)
+}
+
+// sealAt seals with sequence number seq (tests of the agent's checks).
+func (s *serverSession) sealAt(seq uint64, key, envelope []byte) *coffrev1.SessionSealed {
+	nonce := make([]byte, 12)
+	binary.BigEndian.PutUint64(nonce[4:], seq)
+	aad := []byte("coffre release v1")
+	aad = binary.BigEndian.AppendUint32(aad, uint32(len(envelope)))
+	aad = append(aad, envelope...)
+	return &coffrev1.SessionSealed{Seq: seq, Ciphertext: s.aead.Seal(nil, nonce, key, aad)}
 }
 
 // checkQuote checks a quote the way the verifier does: structure, nonce

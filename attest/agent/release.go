@@ -2,8 +2,13 @@ package agent
 
 import (
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
+	"sync"
 
 	"github.com/cloudflare/circl/hpke"
 	"github.com/cloudflare/circl/kem/xwing"
@@ -12,48 +17,176 @@ import (
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
-// The release sealing convention, shared with the server.
+// The release sealing convention, shared with the server (kms/ENVELOPE.md,
+// "Release sealing"): at Complete the server runs HPKE base mode to the
+// binding key once and sends the encapsulation (CompleteResponse
+// session_enc); both sides export the session release key K from that HPKE
+// context, and every HPKE-mode release of the session is one AES-256-GCM
+// seal under K (SessionSealed), its sequence number the nonce and its
+// envelope in the associated data.
 const (
-	// HPKESuiteName is the HPKESealed.suite of the only suite accepted.
-	HPKESuiteName = "X-Wing/HKDF-SHA256/AES-256-GCM"
 	// DataKeySize is the size of a released data key (AES-256).
 	DataKeySize = 32
+	// SessionEncSize is the size of CompleteResponse.session_enc: an
+	// X-Wing ciphertext.
+	SessionEncSize = xwing.CiphertextSize
+	// maxReleaseSeq is the largest sequence number a server seals under
+	// one session key; past it the session must attest again.
+	maxReleaseSeq  = 1 << 32
+	releaseKeySize = 32
+	gcmTagSize     = 16
 )
 
-// hpkeInfo is the HPKE info string of a release: it keeps a sealed data
-// key from being mistaken for any other HPKE message to the same key.
-var hpkeInfo = []byte("coffre release v1")
+var (
+	sessionSuite = hpke.NewSuite(hpke.KEM_XWING, hpke.KDF_HKDF_SHA256, hpke.AEAD_AES256GCM)
+	// sessionInfo is the HPKE info of the session set-up; constant, so
+	// that enc is all the node needs.
+	sessionInfo = []byte("coffre session v1")
+	// releaseKeyLabel is the exporter context of K.
+	releaseKeyLabel = []byte("coffre release key v1")
+	// releaseAADLabel starts the associated data of every release seal:
+	// it keeps a sealed data key from being taken for any other message
+	// under K.
+	releaseAADLabel = []byte("coffre release v1")
+)
 
-var hpkeSuite = hpke.NewSuite(hpke.KEM_XWING, hpke.KDF_HKDF_SHA256, hpke.AEAD_AES256GCM)
+// SessionKey is a session's release key K, derived by
+// [Agent.DeriveSessionKey], with its AES-256-GCM AEAD keyed once. It
+// opens the data keys released on that session and nothing else. It never
+// prints (String, GoString and Format redact) and is wiped by Zero, or by
+// the Agent's Close; after that every Open fails. It is safe for
+// concurrent use.
+type SessionKey struct {
+	mu   sync.RWMutex
+	k    []byte
+	aead cipher.AEAD
+	// gone is why the key is unusable (ErrOpen after Zero, ErrClosed
+	// after Agent.Close); nil while it is usable.
+	gone  error
+	agent *Agent // whose Close wipes it; nil for keys made in tests
+}
 
-// OpenHPKE opens a data key sealed to this agent's binding key, with the
-// envelope it belongs to as associated data: a sealed key presented with
-// another envelope does not open. Every failure is ErrOpen.
-func (a *Agent) OpenHPKE(sealed *coffrev1.HPKESealed, envelope []byte) ([]byte, error) {
-	if sealed == nil || sealed.GetSuite() != HPKESuiteName ||
-		len(sealed.GetEnc()) != xwing.CiphertextSize ||
-		len(sealed.GetCiphertext()) != DataKeySize+16 { // AES-GCM tag
-		return nil, ErrOpen
+// DeriveSessionKey derives the session release key from enc, the
+// CompleteResponse.session_enc of the session: HPKE base mode receiver
+// (X-Wing/HKDF-SHA256/AES-256-GCM, info "coffre session v1") with this
+// Agent's binding private key, then K = Export("coffre release key v1",
+// 32). X-Wing decapsulation rejects implicitly: an enc that was not made
+// to this binding key yields a key that opens nothing. The key is wiped by
+// its Zero or by Close, whichever comes first.
+func (a *Agent) DeriveSessionKey(enc []byte) (*SessionKey, error) {
+	if len(enc) != SessionEncSize {
+		return nil, fmt.Errorf("%w: session_enc of %d bytes, want %d", ErrMalformed, len(enc), SessionEncSize)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.closed || a.bindingSK == nil {
 		return nil, ErrClosed
 	}
-	r, err := hpkeSuite.NewReceiver(a.bindingSK, hpkeInfo)
+	r, err := sessionSuite.NewReceiver(a.bindingSK, sessionInfo)
 	if err != nil {
+		return nil, fmt.Errorf("agent: HPKE receiver: %w", err)
+	}
+	o, err := r.Setup(enc)
+	if err != nil {
+		return nil, fmt.Errorf("%w: session_enc: %w", ErrMalformed, err)
+	}
+	k, err := newSessionKey(o.Export(releaseKeyLabel, releaseKeySize))
+	if err != nil {
+		return nil, err
+	}
+	k.agent = a
+	if a.sessionKeys == nil {
+		a.sessionKeys = map[*SessionKey]struct{}{}
+	}
+	a.sessionKeys[k] = struct{}{}
+	return k, nil
+}
+
+// newSessionKey keys the AEAD with k, which it takes ownership of.
+func newSessionKey(k []byte) (*SessionKey, error) {
+	block, err := aes.NewCipher(k)
+	if err != nil {
+		clear(k)
+		return nil, fmt.Errorf("agent: session key: %w", err)
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		clear(k)
+		return nil, fmt.Errorf("agent: session key: %w", err)
+	}
+	return &SessionKey{k: k, aead: aead}, nil
+}
+
+// Open opens a data key released on this key's session, with the envelope
+// it belongs to: a sealed key presented with another envelope, or from
+// another session, does not open. Every failure is ErrOpen (ErrClosed once
+// the Agent is closed).
+func (k *SessionKey) Open(sealed *coffrev1.SessionSealed, envelope []byte) ([]byte, error) {
+	if k == nil || sealed == nil {
 		return nil, ErrOpen
 	}
-	o, err := r.Setup(sealed.GetEnc())
-	if err != nil {
+	seq, ct := sealed.GetSeq(), sealed.GetCiphertext()
+	if seq == 0 || seq > maxReleaseSeq || len(ct) != DataKeySize+gcmTagSize || uint64(len(envelope)) > math.MaxUint32 {
 		return nil, ErrOpen
 	}
-	key, err := o.Open(sealed.GetCiphertext(), envelope)
+	var nonce [12]byte
+	binary.BigEndian.PutUint64(nonce[4:], seq)
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.gone != nil {
+		return nil, k.gone
+	}
+	key, err := k.aead.Open(make([]byte, 0, DataKeySize), nonce[:], ct, releaseAAD(envelope))
 	if err != nil || len(key) != DataKeySize {
 		return nil, ErrOpen
 	}
 	return key, nil
 }
+
+// releaseAAD is "coffre release v1" ‖ u32 len(envelope) ‖ envelope; the
+// caller has checked that the length fits.
+func releaseAAD(envelope []byte) []byte {
+	aad := make([]byte, 0, len(releaseAADLabel)+4+len(envelope))
+	aad = append(aad, releaseAADLabel...)
+	aad = binary.BigEndian.AppendUint32(aad, uint32(len(envelope))) // #nosec G115 -- Open refuses longer envelopes
+	return append(aad, envelope...)
+}
+
+// Zero wipes the key; every later Open fails with ErrOpen. The AEAD's key
+// schedule is beyond reach (the Go runtime offers no way to wipe it) and
+// is dropped here, so zeroization is best effort, like every one in Go.
+func (k *SessionKey) Zero() {
+	if k == nil {
+		return
+	}
+	k.wipe(ErrOpen)
+	if a := k.agent; a != nil {
+		a.mu.Lock()
+		delete(a.sessionKeys, k)
+		a.mu.Unlock()
+	}
+}
+
+func (k *SessionKey) wipe(why error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.gone != nil {
+		return
+	}
+	clear(k.k)
+	k.k, k.aead, k.gone = nil, nil, why
+}
+
+const redacted = "agent.SessionKey[redacted]"
+
+// String keeps the key out of logs.
+func (k *SessionKey) String() string { return redacted }
+
+// GoString keeps the key out of %#v.
+func (k *SessionKey) GoString() string { return redacted }
+
+// Format prints the same for every verb, %x and %v included.
+func (k *SessionKey) Format(f fmt.State, _ rune) { _, _ = f.Write([]byte(redacted)) }
 
 // OpenTPM imports a TPM-bound data key (a duplicate of a sealed-data
 // object made under this TPM's EK), loads it and unseals it with a

@@ -65,9 +65,15 @@ func TestSWTPMAgent(t *testing.T) {
 
 	key := bytes.Repeat([]byte{0xc3}, 32)
 	envelope := []byte("env")
-	if got, err := a.OpenHPKE(sealHPKE(t, a.BindingPublicKey(), key, envelope), envelope); err != nil || !bytes.Equal(got, key) {
-		t.Fatalf("OpenHPKE = %x, %v", got, err)
+	srv := mustServerSession(t, a.BindingPublicKey())
+	sk, err := a.DeriveSessionKey(srv.enc)
+	if err != nil {
+		t.Fatal(err)
 	}
+	if got, err := sk.Open(srv.seal(key, envelope), envelope); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("session key Open = %x, %v", got, err)
+	}
+	requireHandles(t, tpm, 2, "DeriveSessionKey")
 
 	bound := []uint32{7, 16}
 	dup := makeDuplicate(t, a.EKPublic(), key, bound, vals)

@@ -211,4 +211,3 @@ func (s *Server) auditorGate(ctx context.Context) (string, error) {
 	}
 	return s.verifyClient(ctx, s.auditorCAs, "auditor")
 }
-

@@ -121,9 +121,9 @@ func SealedKeyToProto(k *kms.SealedKey) *coffrev1.SealedKey {
 	switch {
 	case k == nil:
 		return nil
-	case k.HPKE != nil:
-		return &coffrev1.SealedKey{Seal: &coffrev1.SealedKey_Hpke{Hpke: &coffrev1.HPKESealed{
-			Suite: k.HPKE.Suite, Enc: k.HPKE.Enc, Ciphertext: k.HPKE.Ciphertext,
+	case k.Session != nil:
+		return &coffrev1.SealedKey{Seal: &coffrev1.SealedKey_Session{Session: &coffrev1.SessionSealed{
+			Seq: k.Session.Seq, Ciphertext: k.Session.Ciphertext,
 		}}}
 	case k.TPM != nil:
 		return &coffrev1.SealedKey{Seal: &coffrev1.SealedKey_Tpm{Tpm: &coffrev1.TPMDuplicate{

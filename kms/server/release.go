@@ -184,6 +184,7 @@ func (a *attestService) Complete(ctx context.Context, req *coffrev1.CompleteRequ
 		Node:         sess.Node,
 		NodeClass:    sess.Class,
 		Labels:       sess.Labels,
+		SessionEnc:   sess.Enc,
 	}, nil
 }
 

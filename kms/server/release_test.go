@@ -199,6 +199,68 @@ func TestAttestedReleaseHPKE(t *testing.T) {
 	}
 }
 
+// TestSessionSealedOnTheWire: Complete carries session_enc, from which the
+// node's agent derives the session key through the real X-Wing, and each
+// release comes back as SessionSealed with its own sequence number,
+// opening only under its own session's key.
+func TestSessionSealedOnTheWire(t *testing.T) {
+	f := newFixture(t)
+	n := openSimNode(t)
+	admin := f.setup(t, n, "sim-1", "storage", nil)
+	keyringWithPolicy(t, admin, "acme/disks", []string{"storage"}, nil, coffrev1.Release_RELEASE_HPKE)
+	conn := f.dial(t)
+	att, keys := coffrev1.NewAttestServiceClient(conn), coffrev1.NewKeyServiceClient(conn)
+	ctx := callCtx(t)
+
+	var tokens []string
+	var sessKeys []*agent.SessionKey
+	for range 2 {
+		_, req := attestRaw(t, att, n)
+		done, err := att.Complete(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(done.GetSessionEnc()) != agent.SessionEncSize {
+			t.Fatalf("session_enc of %d bytes, want %d", len(done.GetSessionEnc()), agent.SessionEncSize)
+		}
+		k, err := n.a.DeriveSessionKey(done.GetSessionEnc())
+		if err != nil {
+			t.Fatal(err)
+		}
+		tokens, sessKeys = append(tokens, done.GetSessionToken()), append(sessKeys, k)
+	}
+
+	var plain, env []byte
+	for i, want := range []uint64{1, 2} {
+		rsp, err := keys.GenerateDataKey(withSession(ctx, tokens[0]), &coffrev1.GenerateDataKeyRequest{Keyring: "acme/disks"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sealed := rsp.GetKey().GetSession()
+		if sealed == nil || rsp.GetKey().GetTpm() != nil || sealed.GetSeq() != want || len(sealed.GetCiphertext()) != 48 {
+			t.Fatalf("release %d: %v, want SessionSealed with seq %d", i, rsp.GetKey(), want)
+		}
+		if plain, err = sessKeys[0].Open(sealed, rsp.GetEnvelope()); err != nil {
+			t.Fatalf("release %d: %v", i, err)
+		}
+		if _, err := sessKeys[1].Open(sealed, rsp.GetEnvelope()); !errors.Is(err, agent.ErrOpen) {
+			t.Fatalf("session 1's release under session 2's key: %v, want ErrOpen", err)
+		}
+		env = rsp.GetEnvelope()
+	}
+	if k, err := f.svc.Decrypt(ctx, "acme", env, nil); err != nil || !bytes.Equal(k.Expose(), plain) {
+		t.Fatalf("service decrypt: %v", err)
+	}
+	// Session 2 releases the same key under its own K, from its own seq 1.
+	rsp, err := keys.Decrypt(withSession(ctx, tokens[1]), &coffrev1.DecryptRequest{Envelope: env})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := sessKeys[1].Open(rsp.GetKey().GetSession(), env); err != nil || !bytes.Equal(got, plain) || rsp.GetKey().GetSession().GetSeq() != 1 {
+		t.Fatalf("session 2: %x, %v (seq %d)", got, err, rsp.GetKey().GetSession().GetSeq())
+	}
+}
+
 func TestAttestedReleaseTPMBound(t *testing.T) {
 	f := newFixture(t)
 	n := openSimNode(t)
@@ -212,13 +274,13 @@ func TestAttestedReleaseTPMBound(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The wire form is a TPM duplicate, never HPKE.
+	// The wire form is a TPM duplicate, never session-sealed.
 	keys := coffrev1.NewKeyServiceClient(conn)
 	rsp, err := keys.GenerateDataKey(withSession(ctx, sess.Token), &coffrev1.GenerateDataKeyRequest{Keyring: "acme/vault"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rsp.GetKey().GetTpm() == nil || rsp.GetKey().GetHpke() != nil {
+	if rsp.GetKey().GetTpm() == nil || rsp.GetKey().GetSession() != nil {
 		t.Fatalf("sealed key %v: want a TPM duplicate", rsp.GetKey())
 	}
 	plain, env, err := c.GenerateDataKey(ctx, "acme/vault", nil)
