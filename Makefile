@@ -67,6 +67,12 @@ bench: deps ## benchmarks: data keys in process (KEK cached) and KEK cache misse
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzParseEnvelope$$' -fuzztime $${FUZZTIME:-30s} ./kms/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseURI$$' -fuzztime $${FUZZTIME:-30s} ./hsm/
+	$(GO) test -run '^$$' -fuzz '^FuzzVerifyQuote$$' -fuzztime $${FUZZTIME:-30s} ./attest/
+	$(GO) test -run '^$$' -fuzz '^FuzzEventLog$$' -fuzztime $${FUZZTIME:-30s} ./attest/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseEKCertificate$$' -fuzztime $${FUZZTIME:-30s} ./attest/
+	$(GO) test -run '^$$' -fuzz '^FuzzOpenSessionSealed$$' -fuzztime $${FUZZTIME:-30s} ./attest/agent/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseEntry$$' -fuzztime $${FUZZTIME:-30s} ./kms/audit/
+	$(GO) test -run '^$$' -fuzz '^FuzzScanEntries$$' -fuzztime $${FUZZTIME:-30s} ./kms/audit/
 
 proto: ## regenerate proto/ with the generators pinned in go.mod
 	protoc -I proto \

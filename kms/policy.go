@@ -18,8 +18,9 @@ type ReleaseMode int
 // Release modes.
 const (
 	ReleaseUnspecified ReleaseMode = iota
-	// ReleaseHPKE seals the data key with HPKE (X-Wing) to the session's
-	// binding key.
+	// ReleaseHPKE seals the data key under the session release key, which
+	// only the holder of the session's binding key can derive (one HPKE
+	// X-Wing set-up at attestation; see ENVELOPE.md, "Release sealing").
 	ReleaseHPKE
 	// ReleaseTPM returns the data key as a TPM duplicate blob under the
 	// node's EK with PolicyPCR: only that TPM, in the class's PCR state,

@@ -144,7 +144,7 @@ func enrollmentCommands() []*command {
 			flags: func(fs *flag.FlagSet) {
 				fs.Var(&allowClasses, "allow-class", "node `CLASS` allowed (repeatable)")
 				fs.Var(requireLabels, "require-label", "`KEY=VALUE` the node must carry, e.g. jurisdiction=ca-qc (repeatable)")
-				fs.StringVar(&release, "release", "hpke", "`hpke` (sealed to the session's binding key) or tpm (TPM duplicate blob bound to the class PCRs)")
+				fs.StringVar(&release, "release", "hpke", "`hpke` (sealed under the session key only the attested node's binding key can derive) or tpm (TPM duplicate blob bound to the class PCRs)")
 			},
 			run: func(ctx context.Context, e *env, args []string) error {
 				var r coffrev1.Release
