@@ -150,7 +150,7 @@ func ParseTPM2ToolsQuote(b []byte) ([]byte, error) {
 	if len(b) >= 2 && int(binary.BigEndian.Uint16(b)) == len(b)-2 && (len(b) < 4 || binary.BigEndian.Uint32(b) != uint32(tpm2.TPMGeneratedValue)) {
 		b = b[2:]
 	}
-	att, err := unmarshalExact[tpm2.TPMSAttest](b)
+	att, err := unmarshalStrict[tpm2.TPMSAttest](b)
 	if err != nil {
 		return nil, &Error{Check: ErrQuote, Reason: "tpm2-tools quote message: not a TPMS_ATTEST (" + err.Error() + ")"}
 	}
@@ -175,7 +175,7 @@ func ParseTPM2ToolsQuote(b []byte) ([]byte, error) {
 //
 // Errors are *[Error] with check [ErrSignature].
 func ParseTPM2ToolsSignature(b []byte) ([]byte, error) {
-	sig, err := unmarshalExact[tpm2.TPMTSignature](b)
+	sig, err := unmarshalStrict[tpm2.TPMTSignature](b)
 	if err != nil {
 		hint := ""
 		if (len(b) > 0 && b[0] == 0x30) || len(b) == 256 || len(b) == 384 || len(b) == 512 {
@@ -343,7 +343,7 @@ func ParseTPM2ToolsAKPublic(b []byte) (*TPM2ToolsAK, error) {
 	if len(b) < 2 || int(binary.BigEndian.Uint16(b)) != len(b)-2 {
 		return nil, akFileError("neither PEM, DER nor a TPM2B_PUBLIC (tpm2_createak -u … -f tss); a bare TPMT_PUBLIC (-f tpmt) is not accepted")
 	}
-	if _, err := unmarshalExact[tpm2.TPMTPublic](b[2:]); err != nil {
+	if _, err := unmarshalStrict[tpm2.TPMTPublic](b[2:]); err != nil {
 		return nil, akFileError("not a TPM2B_PUBLIC (%v)", err)
 	}
 	pub, name, err := ParseAKPublic(b)
@@ -394,7 +394,7 @@ func VerifyTPM2ToolsQuote(ak *TPM2ToolsAK, quote, sig []byte, pcrs map[uint32][]
 		// SHA-256(nonce ‖ binding key); here the nonce was given as is.
 		// It checks the signature first, so the extraData read here is
 		// the TPM's.
-		if att, perr := unmarshalExact[tpm2.TPMSAttest](quote); perr == nil && !bytes.Equal(att.ExtraData.Buffer, nonce) {
+		if att, perr := unmarshalStrict[tpm2.TPMSAttest](quote); perr == nil && !bytes.Equal(att.ExtraData.Buffer, nonce) {
 			return nil, &Error{Check: ErrQuote, Reason: fmt.Sprintf("the quote's qualifying data (tpm2_quote -q) is %x, not the nonce given: replayed, or made for another nonce", att.ExtraData.Buffer)}
 		}
 	}
@@ -406,7 +406,7 @@ func VerifyTPM2ToolsQuote(ak *TPM2ToolsAK, quote, sig []byte, pcrs map[uint32][]
 // sensitiveDataOrigin — signing with the scheme the signature names, so
 // that VerifyQuote checks the key and the signature.
 func assumedAKTemplate(pub *tpm2.TPMTPublic, sig []byte) (*tpm2.TPMTPublic, error) {
-	s, err := unmarshalExact[tpm2.TPMTSignature](sig)
+	s, err := unmarshalStrict[tpm2.TPMTSignature](sig)
 	if err != nil {
 		return nil, &Error{Check: ErrSignature, Reason: "signature is not a TPMT_SIGNATURE: " + err.Error()}
 	}
@@ -592,39 +592,4 @@ func algName(a tpm2.TPMAlgID) string {
 		return "ECC"
 	}
 	return fmt.Sprintf("0x%04x", uint16(a))
-}
-
-// Reasons a TPM structure in a file is refused.
-var (
-	errTrailing     = errors.New("trailing bytes")
-	errNotCanonical = errors.New("not in canonical TPM encoding") // a TPM never writes such bytes
-)
-
-// unmarshalExact decodes a whole TPM structure: go-tpm's Unmarshal stops
-// where the structure ends and ignores what follows, but a file that holds
-// more than one structure is not what tpm2-tools writes. Re-encoding must
-// give back exactly the input, which also refuses the non-canonical
-// encodings go-tpm tolerates and a TPM never produces. go-tpm decodes by reflection; a panic in it
-// on hostile input is turned into an error, since these are outside bytes.
-func unmarshalExact[T tpm2.Marshallable, P interface {
-	*T
-	tpm2.Unmarshallable
-}](b []byte) (v *T, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			v, err = nil, fmt.Errorf("malformed %T", v)
-		}
-	}()
-	v, err = tpm2.Unmarshal[T, P](b)
-	if err != nil {
-		return nil, err
-	}
-	again := tpm2.Marshal(*v)
-	switch {
-	case len(again) < len(b):
-		return nil, fmt.Errorf("%w: %d after the structure", errTrailing, len(b)-len(again))
-	case !bytes.Equal(again, b):
-		return nil, errNotCanonical
-	}
-	return v, nil
 }

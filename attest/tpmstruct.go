@@ -36,20 +36,33 @@ const (
 func unmarshalStrict[T tpm2.Marshallable, P interface {
 	*T
 	tpm2.Unmarshallable
-}](b []byte) (*T, error) {
-	v, err := tpm2.Unmarshal[T, P](b)
+}](b []byte) (v *T, err error) {
+	// go-tpm decodes by reflection and can panic on hostile bytes; these
+	// are outside input, so a panic is a parse error.
+	defer func() {
+		if r := recover(); r != nil {
+			v, err = nil, fmt.Errorf("malformed %T", v)
+		}
+	}()
+	v, err = tpm2.Unmarshal[T, P](b)
 	if err != nil {
 		return nil, err
 	}
 	again := tpm2.Marshal(*v)
 	switch {
 	case len(again) < len(b):
-		return nil, fmt.Errorf("%d bytes after the structure", len(b)-len(again))
+		return nil, fmt.Errorf("%w: %d after the structure", errTrailing, len(b)-len(again))
 	case !bytes.Equal(again, b):
-		return nil, errors.New("not in canonical TPM encoding")
+		return nil, errNotCanonical
 	}
 	return v, nil
 }
+
+// Reasons a TPM structure is refused by unmarshalStrict.
+var (
+	errTrailing     = errors.New("trailing bytes")
+	errNotCanonical = errors.New("not in canonical TPM encoding") // a TPM never writes such bytes
+)
 
 // parseTPM2BPublic parses a TPM2B_PUBLIC strictly and returns the public
 // area and its exact bytes (the TPMT_PUBLIC the TPM hashes into the name).
