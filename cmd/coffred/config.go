@@ -95,6 +95,8 @@ const (
 //	                             RFC 5425: mutual TLS to the receiver (all three, or none for plain TCP)
 //	audit.jsonl.path             append every entry to this JSON-lines file (optional)
 //	audit.jsonl.ocsf             write OCSF "API Activity" objects instead of the canonical entries
+//	metrics.listen               serve Prometheus metrics (audit log writable, entries, fsyncs, sink lag)
+//	                             over plain HTTP on this host:port; optional, keep it on a management address
 //	log.level                    "debug", "info", "warn" or "error" (default "info")
 type Config struct {
 	Listen      string
@@ -106,7 +108,13 @@ type Config struct {
 	Keepalive   KeepaliveConfig
 	Attestation AttestationConfig
 	Audit       AuditConfig
+	Metrics     MetricsConfig
 	Log         LogConfig
+}
+
+// MetricsConfig says where to serve metrics (empty: nowhere).
+type MetricsConfig struct {
+	Listen string
 }
 
 // AuditConfig locates the node's audit log and its checkpoint signer.
@@ -212,7 +220,12 @@ type rawConfig struct {
 	Keepalive   *rawKeepalive   `json:"keepalive"`
 	Attestation *rawAttestation `json:"attestation"`
 	Audit       *rawAudit       `json:"audit"`
+	Metrics     *rawMetrics     `json:"metrics"`
 	Log         *rawLog         `json:"log"`
+}
+
+type rawMetrics struct {
+	Listen *string `json:"listen"`
 }
 
 type rawAudit struct {
@@ -615,6 +628,13 @@ func (r *rawConfig) validate(baseDir string, now time.Time) (*Config, error) {
 	}
 
 	c.Audit = v.audit(orZero(r.Audit))
+	if r.Metrics != nil {
+		if c.Metrics.Listen = v.str("metrics.listen", r.Metrics.Listen, "", true); c.Metrics.Listen != "" {
+			if err := checkHostPort(c.Metrics.Listen); err != nil {
+				v.fail("metrics.listen", "%q: %v", c.Metrics.Listen, err)
+			}
+		}
+	}
 
 	lg := orZero(r.Log)
 	switch lvl := v.str("log.level", lg.Level, "info", false); lvl {

@@ -91,11 +91,19 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		return fmt.Errorf("audit log %s: %w", cfg.Audit.Dir, err)
 	}
 	closers = append(closers, auditLog.Close)
-	stopSinks, err := startSinks(auditLog, cfg.Audit, log)
+	m := &metrics{log: auditLog}
+	stopSinks, err := startSinks(auditLog, cfg.Audit, m, log)
 	if err != nil {
 		return err
 	}
 	closers = append(closers, stopSinks)
+	if cfg.Metrics.Listen != "" {
+		mctx, stopMetrics := context.WithCancel(ctx)
+		defer stopMetrics()
+		if err := serveMetrics(mctx, cfg.Metrics.Listen, m, log); err != nil {
+			return err
+		}
+	}
 
 	rel, err := kms.NewReleaseService(svc, kms.ReleaseConfig{
 		Auditor:         kms.AuditLog{Log: auditLog},
@@ -230,7 +238,7 @@ func clientCAs(c TLSConfig) *x509.CertPool {
 // startSinks runs the configured audit sinks until the returned function is
 // called. A sink reads the log after the fact: one being down never holds
 // up a release, and it catches up from its spool when it is back.
-func startSinks(l *audit.Log, c AuditConfig, log *slog.Logger) (func() error, error) {
+func startSinks(l *audit.Log, c AuditConfig, m *metrics, log *slog.Logger) (func() error, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	run := func(name string, f func(context.Context) error) {
@@ -248,6 +256,7 @@ func startSinks(l *audit.Log, c AuditConfig, log *slog.Logger) (func() error, er
 			cancel()
 			return nil, fmt.Errorf("audit.syslog: %w", err)
 		}
+		m.syslog = s
 		run("syslog", s.Run)
 	}
 	if c.JSONL.Path != "" {
@@ -256,6 +265,7 @@ func startSinks(l *audit.Log, c AuditConfig, log *slog.Logger) (func() error, er
 			cancel()
 			return nil, fmt.Errorf("audit.jsonl: %w", err)
 		}
+		m.jsonl = s
 		run("jsonl", s.Run)
 	}
 	return func() error {
