@@ -391,7 +391,7 @@ func (e *devEnv) writeShellEnv(addr, nodeTPM string) error {
 	fmt.Fprintf(&b, "export COFFRE_ADDR=%s COFFRE_CA=%s COFFRE_CERT=%s COFFRE_KEY=%s SOFTHSM2_CONF=%s\n",
 		shellQuote(addr), shellQuote(e.caFile), shellQuote(e.adminCert), shellQuote(e.adminKey), shellQuote(e.softhsmConf))
 	fmt.Fprintf(&b, "export COFFRE_AUDIT_DIR=%s COFFRE_AUDIT_VERIFIER=%s\n",
-		shellQuote(filepath.Join(e.dir, "audit")), shellQuote(strings.TrimSuffix(e.auditSigner, ".key")+"-verifier.pub"))
+		shellQuote(filepath.Join(e.dir, "audit")), shellQuote(filepath.Join(e.dir, "audit-verifier.pub")))
 	if nodeTPM != "" {
 		fmt.Fprintf(&b, "export COFFRE_TPM=%s\n", shellQuote(nodeTPM))
 	}
@@ -451,7 +451,7 @@ func binCommand(name string) string {
 // environment (Ed25519 + ML-DSA-65) if there is none. In production the key
 // is made in a ceremony and held by its node alone.
 func ensureAuditSigner(path string, say func(string, ...any)) error {
-	pub := strings.TrimSuffix(path, ".key") + "-verifier.pub"
+	pub := filepath.Join(filepath.Dir(path), "audit-verifier.pub")
 	if fileExists(path) {
 		if fileExists(pub) {
 			return nil
