@@ -64,8 +64,12 @@ const (
 //	hsm.root_key                 the root key, an RFC 7512 pkcs11: URI with module-path and
 //	                             pin-source=file:/abs/path (a pin-value is refused)
 //	hsm.sessions                 PKCS#11 sessions in the pool, 1..64 (default 4)
-//	store.engine                 "bbolt" ("etcd" is not available yet)
-//	store.path                   the bbolt file; its directory must exist
+//	store.engine                 "bbolt" (one node, one file) or "etcd" (several Coffre nodes)
+//	store.path                   bbolt: the file; its directory must exist
+//	store.endpoints              etcd: the members' client URLs
+//	store.prefix                 etcd: key prefix of this Coffre deployment (default "/coffre/")
+//	store.ca_file, .cert_file, .key_file
+//	                             etcd: mutual TLS (all three; without them only loopback endpoints are accepted)
 //	kek_cache.size               unwrapped KEK versions held in memory, 1..1000000 (default 1024)
 //	kek_cache.ttl                how long one stays, 1s..24h (default "10m")
 //	limits.max_message_bytes     largest request or response, 4096..67108864 (default 1048576)
@@ -176,7 +180,11 @@ type HSMConfig struct {
 // StoreConfig selects the storage engine.
 type StoreConfig struct {
 	Engine string
-	Path   string
+	Path   string // bbolt
+	// etcd
+	Endpoints []string
+	Prefix    string
+	TLS       *tls.Config
 }
 
 // KEKCacheConfig bounds the in-memory cache of unwrapped KEKs.
@@ -272,8 +280,13 @@ type rawHSM struct {
 }
 
 type rawStore struct {
-	Engine *string `json:"engine"`
-	Path   *string `json:"path"`
+	Engine    *string   `json:"engine"`
+	Path      *string   `json:"path"`
+	Endpoints *[]string `json:"endpoints"`
+	Prefix    *string   `json:"prefix"`
+	CAFile    *string   `json:"ca_file"`
+	CertFile  *string   `json:"cert_file"`
+	KeyFile   *string   `json:"key_file"`
 }
 
 type rawKEKCache struct {
@@ -836,10 +849,41 @@ func (v *validator) store(r *rawStore) StoreConfig {
 			v.fail("store.path", "%q is not a regular file", c.Path)
 		}
 	case "etcd":
-		v.fail("store.engine", "\"etcd\" is not available yet; use \"bbolt\"")
+		if r.Endpoints == nil || len(*r.Endpoints) == 0 {
+			v.fail("store.endpoints", "required with engine \"etcd\": the etcd members' client URLs, such as [\"https://etcd-1.qc:2379\"]")
+		} else {
+			for i, e := range *r.Endpoints {
+				if e == "" {
+					v.fail(fmt.Sprintf("store.endpoints[%d]", i), "empty")
+				}
+			}
+			c.Endpoints = *r.Endpoints
+		}
+		c.Prefix = v.str("store.prefix", r.Prefix, "/coffre/", false)
+		if !strings.HasPrefix(c.Prefix, "/") || !strings.HasSuffix(c.Prefix, "/") {
+			v.fail("store.prefix", "%q: must start and end with \"/\"", c.Prefix)
+		}
+		// Mutual TLS to etcd: all three files, or none (then only loopback
+		// endpoints are accepted, for tests).
+		if r.CAFile != nil || r.CertFile != nil || r.KeyFile != nil {
+			caName, caPEM := v.file("store.ca_file", r.CAFile)
+			certName, certPEM := v.file("store.cert_file", r.CertFile)
+			keyName, keyPEM := v.file("store.key_file", r.KeyFile)
+			if caPEM != nil && certPEM != nil && keyPEM != nil {
+				pool := x509.NewCertPool()
+				if !pool.AppendCertsFromPEM(caPEM) {
+					v.fail("store.ca_file", "%q holds no PEM certificate", caName)
+				}
+				cert, err := tls.X509KeyPair(certPEM, keyPEM)
+				if err != nil {
+					v.fail("store.key_file", "%q and %q: %v", certName, keyName, err)
+				}
+				c.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}}
+			}
+		}
 	case "":
 	default:
-		v.fail("store.engine", "unknown engine %q (want \"bbolt\")", c.Engine)
+		v.fail("store.engine", "unknown engine %q (want \"bbolt\" or \"etcd\")", c.Engine)
 	}
 	return c
 }

@@ -237,7 +237,9 @@ func TestConfigErrors(t *testing.T) {
 		{"root key PIN file missing", with("hsm.root_key", "pkcs11:token=t;object=root?module-path=/m.so&pin-source=file:/nonexistent/pin"), []string{"config: hsm.root_key: pin-source file \"/nonexistent/pin\""}},
 		{"sessions zero", with("hsm.sessions", 0), []string{"config: hsm.sessions: must be between 1 and 64"}},
 		{"store engine missing", without("store", "engine"), []string{"config: store.engine: is required"}},
-		{"store engine etcd", with("store.engine", "etcd"), []string{"config: store.engine:", "not available yet"}},
+		{"store engine etcd without endpoints", with("store.engine", "etcd"), []string{"config: store.endpoints: required"}},
+		{"store etcd bad prefix", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"http://127.0.0.1:2379"}, "prefix": "coffre"}), []string{"config: store.prefix:"}},
+		{"store etcd half TLS", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"https://e:2379"}, "ca_file": "/nope"}), []string{"config: store.ca_file:", "config: store.cert_file:", "config: store.key_file:"}},
 		{"store engine unknown", with("store.engine", "mysql"), []string{"config: store.engine: unknown engine \"mysql\""}},
 		{"store path missing", without("store", "path"), []string{"config: store.path: is required"}},
 		{"store directory missing", with("store.path", "/nonexistent/coffre.db"), []string{"config: store.path: directory \"/nonexistent\" does not exist"}},
@@ -256,7 +258,7 @@ func TestConfigErrors(t *testing.T) {
 		{"ping interval garbage", with("keepalive.min_ping_interval", "often"), []string{"config: keepalive.min_ping_interval: \"often\" is not a duration"}},
 		{"connection age tiny", with("keepalive.max_connection_age", "10ms"), []string{"config: keepalive.max_connection_age: must be 0s (never) or at least 1s"}},
 		{"log level unknown", with("log.level", "verbose"), []string{"config: log.level: \"verbose\" is not a level"}},
-		{"several at once", `{"listen": "nope", "store": {"engine": "etcd"}}`, []string{"config: listen:", "config: store.engine:", "config: hsm.root_key: is required"}},
+		{"several at once", `{"listen": "nope", "store": {"engine": "etcd"}}`, []string{"config: listen:", "config: store.endpoints:", "config: hsm.root_key: is required"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, err := parseConfig([]byte(tc.data), f.dir, time.Now())
@@ -294,8 +296,14 @@ func TestConfigExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The etcd fields are shown by coffred.etcd.example.json instead: one
+	// store engine per file.
+	etcdOnly := map[string]bool{"store.endpoints": true, "store.prefix": true, "store.ca_file": true, "store.cert_file": true, "store.key_file": true}
 	var walk func(v reflect.Value, path string)
 	walk = func(v reflect.Value, path string) {
+		if etcdOnly[path] {
+			return
+		}
 		if v.IsNil() {
 			t.Errorf("coffred.example.json lacks %s", path)
 			return
@@ -340,4 +348,26 @@ func FuzzParseConfig(f *testing.F) {
 			t.Fatalf("error without the config: prefix: %v", err)
 		}
 	})
+}
+
+// TestConfigEtcdExample checks the etcd example: its values are valid, the
+// only errors are about files that do not exist on this machine.
+func TestConfigEtcdExample(t *testing.T) {
+	data, err := os.ReadFile("coffred.etcd.example.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := decodeRaw(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw.Store == nil || raw.Store.Endpoints == nil || raw.Store.CAFile == nil {
+		t.Fatal("coffred.etcd.example.json does not show the etcd store fields")
+	}
+	_, err = raw.validate(t.TempDir(), time.Now())
+	for _, line := range strings.Split(err.Error(), "\n") {
+		if !strings.Contains(line, "not readable") && !strings.Contains(line, "pin-source file") && !strings.Contains(line, "does not exist") {
+			t.Errorf("unexpected error for the etcd example: %s", line)
+		}
+	}
 }

@@ -69,9 +69,9 @@ func serveMetrics(ctx context.Context, addr string, m *metrics, log *slog.Logger
 		MaxHeaderBytes:    8 << 10,
 	}
 	log.Info("metrics", "addr", "http://"+lis.Addr().String()+"/metrics")
-	go func() {
+	go func() { // #nosec G118 -- shuts the server down once ctx has ended; a fresh context bounds that
 		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()

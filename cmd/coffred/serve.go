@@ -46,7 +46,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		}
 	}()
 
-	st, err := store.OpenBolt(cfg.Store.Path, store.BoltOptions{})
+	st, err := openStore(ctx, cfg.Store)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
@@ -273,4 +273,12 @@ func startSinks(l *audit.Log, c AuditConfig, m *metrics, log *slog.Logger) (func
 		wg.Wait()
 		return nil
 	}, nil
+}
+
+// openStore opens the configured storage engine.
+func openStore(ctx context.Context, c StoreConfig) (store.Store, error) {
+	if c.Engine == "etcd" {
+		return store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: c.Endpoints, Prefix: c.Prefix, TLS: c.TLS})
+	}
+	return store.OpenBolt(c.Path, store.BoltOptions{})
 }
