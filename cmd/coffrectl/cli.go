@@ -63,6 +63,7 @@ func commands() []*command {
 	cs = append(cs, attestCommands()...)
 	cs = append(cs, enrollmentCommands()...)
 	cs = append(cs, auditCommands()...)
+	cs = append(cs, storeCommands()...)
 	sort.Slice(cs, func(i, j int) bool { return cs[i].path < cs[j].path })
 	return cs
 }
