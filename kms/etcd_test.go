@@ -2,6 +2,7 @@ package kms
 
 import (
 	"bytes"
+	"errors"
 	"testing"
 	"time"
 
@@ -70,4 +71,42 @@ func TestTwoNodesOnEtcd(t *testing.T) {
 			t.Fatalf("keyring as seen by a node: %+v, %v", k, err)
 		}
 	}
+}
+
+// TestRevocationAcrossNodesOnEtcd: a node revoked through one Coffre node
+// is refused by another, on the same etcd, within a second.
+func TestRevocationAcrossNodesOnEtcd(t *testing.T) {
+	cluster := etcdtest.StartCluster(t, 1)
+	ctx := ctxT(t)
+	st, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: cluster.Endpoints(), Prefix: "/coffre-rel/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	f := newRelFixtureOn(t, ReleaseConfig{}, st)
+	f.enroll(t, "node-1", "storage", nil)
+	id := f.keyring(t, "acme/disks", []string{"storage"}, nil, ReleaseHPKE)
+	other := f.second(t)
+	token, _ := f.injectSession(t, other, "node-1")
+	if _, err := other.GenerateDataKey(ctx, token, id, nil); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := f.rel.RevokeNode(ctx, "node-1"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		_, err := other.GenerateDataKey(ctx, token, id, nil)
+		if errors.Is(err, ErrPermissionDenied) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if time.Since(start) > time.Second {
+			t.Fatal("a revocation written through another Coffre node on etcd did not end the session within a second")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("revocation seen by the other node after %v", time.Since(start))
 }

@@ -16,6 +16,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/coffre-kms/coffre/kms/store"
 	"math/big"
 	"strings"
 	"sync"
@@ -77,8 +78,20 @@ type relFixture struct {
 
 func newRelFixture(t testing.TB, cfg ReleaseConfig) *relFixture {
 	t.Helper()
+	return newRelFixtureOn(t, cfg, nil)
+}
+
+// newRelFixtureOn is newRelFixture over a store the caller opened; nil
+// means a fresh bbolt file.
+func newRelFixtureOn(t testing.TB, cfg ReleaseConfig, st store.Store) *relFixture {
+	t.Helper()
 	clock := newTestClock()
-	f := newFixture(t, Config{Now: clock.Now})
+	var f *fixture
+	if st == nil {
+		f = newFixture(t, Config{Now: clock.Now})
+	} else {
+		f = newFixtureOn(t, Config{Now: clock.Now}, st)
+	}
 	audit := &auditLog{}
 	if cfg.Auditor == nil {
 		cfg.Auditor = audit

@@ -48,6 +48,14 @@ func newFixture(t testing.TB, cfg Config) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
+	f := newFixtureOn(t, cfg, st)
+	f.path = path
+	return f
+}
+
+// newFixtureOn is newFixture over a store the caller opened (etcd, say).
+func newFixtureOn(t testing.TB, cfg Config, st store.Store) *fixture {
+	t.Helper()
 	root := &countingRoot{Root: hsmtest.NewRoot(t)}
 	cfg.Store, cfg.Root = st, root
 	svc, err := New(cfg)
@@ -55,7 +63,7 @@ func newFixture(t testing.TB, cfg Config) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { svc.Close() })
-	return &fixture{svc: svc, root: root, store: st, path: path}
+	return &fixture{svc: svc, root: root, store: st}
 }
 
 func mustID(t testing.TB, s string) KeyringID {
