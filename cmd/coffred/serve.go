@@ -78,7 +78,15 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 	if err != nil {
 		return fmt.Errorf("audit.signer_key_file %s: %w", cfg.Audit.SignerKeyFile, err)
 	}
+	var replica audit.Replicator
+	if cfg.Store.Engine == "etcd" {
+		// Several Coffre nodes: every batch of audit entries is written to
+		// etcd before its callers are answered, so an acknowledged entry
+		// survives the loss of this node.
+		replica = kms.StoreAuditReplica{Store: st}
+	}
 	auditLog, err := audit.Open(audit.Options{
+		Replicator:         replica,
 		Dir:                cfg.Audit.Dir,
 		Node:               cfg.Audit.NodeID,
 		Origin:             cfg.Audit.Origin,

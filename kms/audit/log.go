@@ -55,6 +55,18 @@ type Options struct {
 	CheckpointEvery uint64
 	Logger          *slog.Logger // default slog.Default()
 	Now             func() time.Time
+	// Replicator, if set, receives every entry before its Append returns:
+	// a batch is acknowledged only once it is written and fsynced locally
+	// AND replicated, so that it survives the loss of this node. If
+	// replication fails the batch's callers get an error wrapping
+	// ErrUnavailable (their entries are durable locally but must be
+	// treated as not logged), later appends fail fast until a background
+	// retry replicates the pending entries, and Healthy reports the
+	// condition meanwhile. Each checkpoint is also published through it,
+	// once its entries are replicated; a publishing failure is only
+	// logged. Entries already in the log when it is opened count as
+	// replicated. Nil: no replication.
+	Replicator Replicator
 }
 
 // Record is one entry as stored: its index, canonical bytes and parsed form.
@@ -138,6 +150,16 @@ type Log struct {
 	batches, fsyncs atomic.Uint64
 	probing         atomic.Bool
 
+	// Replication (Options.Replicator). rmu guards pending and replicated
+	// and is held across Replicate calls; replFailed is guarded by mu.
+	rmu         sync.Mutex
+	pending     [][]byte // canonical bytes of entries replicated..size-1
+	replicated  uint64   // entries below this index are replicated
+	replFailed  error    // non-nil: ErrUnavailable wrapping the replication error
+	replProbing atomic.Bool
+	cpRemote    uint64 // size of the latest checkpoint published remotely (cpMu)
+	cpRemoteSet bool
+
 	stopCommit chan struct{}
 	stop       chan struct{}
 	commitDone chan struct{}
@@ -213,6 +235,7 @@ func Open(opts Options) (*Log, error) {
 	if err := l.loadEntries(); err != nil {
 		return nil, err
 	}
+	l.replicated = l.tree.size()
 	cpPath := filepath.Join(opts.Dir, checkpointsFile)
 	if l.cpf, err = os.OpenFile(cpPath, os.O_RDWR|os.O_CREATE, 0o600); err != nil { // #nosec G304 -- path from configuration
 		return nil, fmt.Errorf("audit: %w", err)
@@ -467,6 +490,9 @@ func (l *Log) committer() {
 func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 	l.mu.RLock()
 	failed, base, off, wf := l.failed, l.tree.size(), l.end, l.wf
+	if failed == nil {
+		failed = l.replFailed
+	}
 	l.mu.RUnlock()
 	if failed != nil {
 		for _, r := range batch {
@@ -476,12 +502,19 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 	}
 	leaves := make([][]byte, len(batch))
 	starts := make([]int64, len(batch))
+	var payloads [][]byte
+	if l.opts.Replicator != nil {
+		payloads = make([][]byte, len(batch))
+	}
 	for k, r := range batch {
 		r.e.Index = base + uint64(k)
 		starts[k] = off + int64(len(buf))
 		var payload []byte
 		buf, payload = appendEntryRecord(buf, r.raw, r.e.Index)
 		leaves[k] = LeafHash(payload)
+		if payloads != nil {
+			payloads[k] = payload // a slice of buf: cloned below once buf stops growing
+		}
 	}
 	_, err := wf.WriteAt(buf, off)
 	if err == nil {
@@ -507,8 +540,23 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 	close(l.grown)
 	l.grown = make(chan struct{})
 	l.mu.Unlock()
+	var rerr error
+	if payloads != nil {
+		// Never acknowledge an entry that is not replicated: the batch's
+		// entries join the pending ones (contiguous, in order) and all of
+		// them are replicated before the callers are released.
+		l.rmu.Lock()
+		for _, p := range payloads {
+			l.pending = append(l.pending, bytes.Clone(p))
+		}
+		rerr = l.replicatePending()
+		l.rmu.Unlock()
+		if rerr != nil {
+			l.failReplication(rerr)
+		}
+	}
 	for _, r := range batch {
-		r.done <- nil
+		r.done <- rerr
 	}
 	if before/l.opts.CheckpointEvery != after/l.opts.CheckpointEvery {
 		select {
@@ -584,6 +632,9 @@ func (l *Log) probe() {
 func (l *Log) Healthy() error {
 	l.mu.RLock()
 	failed := l.failed
+	if failed == nil {
+		failed = l.replFailed
+	}
 	l.mu.RUnlock()
 	if failed != nil {
 		return failed
@@ -758,6 +809,7 @@ func (l *Log) publish() error {
 	size := l.tree.size()
 	if l.latest.Note != nil && l.latest.Size == size {
 		l.mu.RUnlock()
+		l.publishRemote()
 		return nil
 	}
 	root, err := l.tree.root(size)
@@ -775,14 +827,17 @@ func (l *Log) publish() error {
 		err = l.cpf.Sync()
 	}
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if err != nil {
 		l.cpErr = fmt.Errorf("%w: checkpoint: %w", ErrUnavailable, err)
-		return l.cpErr
+		err = l.cpErr
+		l.mu.Unlock()
+		return err
 	}
 	l.cpEnd += int64(len(rec))
 	l.cpErr = nil
 	l.latest = cp
+	l.mu.Unlock()
+	l.publishRemote() // after the checkpoint is stored locally
 	return nil
 }
 

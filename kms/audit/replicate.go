@@ -1,0 +1,134 @@
+package audit
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Replicator copies a node's audit entries and checkpoints off the node, so
+// that an acknowledged entry survives the permanent loss of the node that
+// wrote it (see [Options.Replicator]).
+type Replicator interface {
+	// Replicate durably stores entries, the canonical bytes of this node's
+	// entries first..first+len(entries)-1, and returns nil only once they
+	// are stored. The log calls it with contiguous ranges, in order: first
+	// is always the index after the last range it stored. A call that
+	// failed (its outcome unknown) is retried with the same range, so a
+	// Replicator that finds that range already stored, with the same
+	// bytes, reports success.
+	Replicate(ctx context.Context, node string, first uint64, entries [][]byte) error
+	// PublishCheckpoint stores note, the node's latest signed checkpoint
+	// (as [ParseCheckpoint] reads it), replacing the previous one. It is
+	// only called with checkpoints whose entries were all replicated.
+	PublishCheckpoint(ctx context.Context, node string, note []byte) error
+}
+
+// replicationTimeout bounds one Replicate or PublishCheckpoint call.
+var replicationTimeout = 5 * time.Second
+
+// maxReplicateBytes bounds the canonical bytes passed to one Replicate
+// call (a single larger entry is passed alone), so that one call fits in
+// one store value.
+const maxReplicateBytes = 512 << 10
+
+// replicatePending replicates every pending entry, in chunks, and drops
+// each chunk from l.pending once stored. It returns the first error (the
+// entries not yet stored stay pending). The caller holds l.rmu.
+func (l *Log) replicatePending() error {
+	for len(l.pending) > 0 {
+		n, size := 0, 0
+		for n < len(l.pending) && (n == 0 || size+len(l.pending[n]) <= maxReplicateBytes) {
+			size += len(l.pending[n])
+			n++
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
+		err := l.opts.Replicator.Replicate(ctx, l.opts.Node, l.replicated, l.pending[:n])
+		cancel()
+		if err != nil {
+			return fmt.Errorf("%w: replication: entries %d..%d: %w", ErrUnavailable, l.replicated, l.replicated+uint64(n)-1, err)
+		}
+		clear(l.pending[:n])
+		l.pending = l.pending[n:]
+		l.replicated += uint64(n)
+	}
+	l.pending = nil
+	return nil
+}
+
+// failReplication puts the log in the replication-failed state and starts
+// the replication probe.
+func (l *Log) failReplication(err error) {
+	l.mu.Lock()
+	l.replFailed = err
+	l.mu.Unlock()
+	l.log.Error("audit log: replication failed: refusing appends until it recovers", "err", err)
+	if l.replProbing.CompareAndSwap(false, true) {
+		l.wg.Add(1)
+		go l.replProbe()
+	}
+}
+
+// replProbe retries replicating the pending entries every probeInterval;
+// once they are all stored the log accepts appends again.
+func (l *Log) replProbe() {
+	defer l.wg.Done()
+	defer l.replProbing.Store(false)
+	t := time.NewTicker(probeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		l.rmu.Lock()
+		err := l.replicatePending()
+		if err == nil {
+			l.mu.Lock()
+			l.replFailed = nil
+			l.mu.Unlock()
+		}
+		replicated := l.replicated
+		l.rmu.Unlock()
+		if err != nil {
+			l.log.Debug("audit log: replication still failing", "err", err)
+			continue
+		}
+		l.log.Info("audit log: replication works again; appends resume", "replicated", replicated)
+		select { // publish the checkpoint that may have waited for these entries
+		case l.cpTrigger <- struct{}{}:
+		default:
+		}
+		return
+	}
+}
+
+// publishRemote publishes the latest checkpoint through the Replicator if
+// it was not yet and all its entries are replicated. A failure is logged:
+// the next checkpoint (or the next tick) publishes again. The caller holds
+// l.cpMu.
+func (l *Log) publishRemote() {
+	if l.opts.Replicator == nil {
+		return
+	}
+	l.mu.RLock()
+	cp := l.latest
+	l.mu.RUnlock()
+	if cp.Note == nil || (l.cpRemoteSet && l.cpRemote == cp.Size) {
+		return
+	}
+	l.rmu.Lock()
+	replicated := l.replicated
+	l.rmu.Unlock()
+	if cp.Size > replicated {
+		return // its entries are not all off the node yet
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
+	defer cancel()
+	if err := l.opts.Replicator.PublishCheckpoint(ctx, l.opts.Node, cp.Note); err != nil {
+		l.log.Warn("audit log: cannot publish checkpoint to the replica", "size", cp.Size, "err", err)
+		return
+	}
+	l.cpRemote, l.cpRemoteSet = cp.Size, true
+}
