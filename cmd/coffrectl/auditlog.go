@@ -11,6 +11,7 @@ import (
 	"os"
 	"text/tabwriter"
 
+	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
@@ -20,6 +21,8 @@ func auditCommands() []*command {
 		follow                        bool
 		last                          uint64
 		dir, verifierFile, witnessKey string
+		storeSpec, prefix, node       string
+		etcdCA, etcdCert, etcdKey     string
 		stateFile, keyName, keyOut    string
 		index                         uint64
 	)
@@ -86,8 +89,14 @@ func auditCommands() []*command {
 		},
 		{
 			path: "audit verify", args: "", nargs: 0,
-			summary: "Verify an audit log directory offline: recompute the Merkle tree, check every checkpoint's signatures and their consistency. Exits 1 naming the first bad entry.",
+			summary: "Verify an audit log offline — a node's directory (--dir), or its copy replicated to etcd (--store, --node): recompute the Merkle tree, check the checkpoints' signatures and consistency. Exits 1 naming the first bad entry.",
 			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&storeSpec, "store", "", "verify the copy a node replicated to `etcd:URL[,URL…]` instead of a directory")
+				fs.StringVar(&prefix, "prefix", "/coffre/", "with --store: the deployment's key `PREFIX` (coffred's store.prefix)")
+				fs.StringVar(&node, "node", "", "with --store: the node's `ID` (its audit.node_id)")
+				fs.StringVar(&etcdCA, "etcd-ca", "", "with --store: CA `FILE` of the etcd members")
+				fs.StringVar(&etcdCert, "etcd-cert", "", "with --store: client certificate `FILE` for etcd")
+				fs.StringVar(&etcdKey, "etcd-key", "", "with --store: client key `FILE` for etcd")
 				fs.StringVar(&dir, "dir", os.Getenv("COFFRE_AUDIT_DIR"), "the audit log `DIR` (env COFFRE_AUDIT_DIR)")
 				fs.StringVar(&verifierFile, "verifier", os.Getenv("COFFRE_AUDIT_VERIFIER"), "the log's checkpoint verifier key `FILE` (env COFFRE_AUDIT_VERIFIER)")
 			},
@@ -96,19 +105,41 @@ func auditCommands() []*command {
 				if err != nil {
 					return err
 				}
-				if dir == "" {
-					return fmt.Errorf("%w: --dir is required", errUsage)
-				}
-				rep, err := audit.VerifyDir(dir, v)
-				var ve *audit.VerifyError
-				if errors.As(err, &ve) {
-					if ve.Index >= 0 {
-						return fmt.Errorf("audit log %s does not verify: entry %d: %s", dir, ve.Index, ve.Reason)
+				var rep *audit.Report
+				where := dir
+				switch {
+				case storeSpec != "":
+					if node == "" {
+						return fmt.Errorf("%w: --node is required with --store", errUsage)
 					}
-					return fmt.Errorf("audit log %s does not verify: checkpoint: %s", dir, ve.Reason)
-				}
-				if err != nil {
-					return err
+					tlsCfg, err := etcdTLS(etcdCA, etcdCert, etcdKey)
+					if err != nil {
+						return err
+					}
+					st, err := openEtcdFlag(ctx, "--store", storeSpec, prefix, tlsCfg)
+					if err != nil {
+						return err
+					}
+					defer st.Close()
+					where = "node " + node + " (replicated)"
+					entries, err := kms.ReadReplicatedAudit(ctx, st, node)
+					if err != nil {
+						return fmt.Errorf("audit log %s does not verify: %w", where, err)
+					}
+					note, err := kms.ReplicatedAuditCheckpoint(ctx, st, node)
+					if err != nil {
+						return fmt.Errorf("audit log %s has no checkpoint: %w", where, err)
+					}
+					if rep, err = audit.VerifyEntries(entries, node, note, v); err != nil {
+						return verifyErr(where, err)
+					}
+				case dir != "":
+					var err error
+					if rep, err = audit.VerifyDir(dir, v); err != nil {
+						return verifyErr(where, err)
+					}
+				default:
+					return fmt.Errorf("%w: --dir or --store is required", errUsage)
 				}
 				if e.g.json {
 					return json.NewEncoder(e.stdout).Encode(map[string]any{
@@ -116,8 +147,8 @@ func auditCommands() []*command {
 						"checkpoint_root": base64.StdEncoding.EncodeToString(rep.LastRoot), "root": base64.StdEncoding.EncodeToString(rep.Root),
 					})
 				}
-				fmt.Fprintf(e.stdout, "audit log verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s\n",
-					rep.Entries, rep.Checkpoints, rep.LastSize, base64.StdEncoding.EncodeToString(rep.Root))
+				fmt.Fprintf(e.stdout, "audit log of %s verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s\n",
+					where, rep.Entries, rep.Checkpoints, rep.LastSize, base64.StdEncoding.EncodeToString(rep.Root))
 				return nil
 			},
 		},
@@ -335,4 +366,16 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+// verifyErr words a verification failure, naming the first bad entry.
+func verifyErr(where string, err error) error {
+	var ve *audit.VerifyError
+	if errors.As(err, &ve) {
+		if ve.Index >= 0 {
+			return fmt.Errorf("audit log %s does not verify: entry %d: %s", where, ve.Index, ve.Reason)
+		}
+		return fmt.Errorf("audit log %s does not verify: checkpoint: %s", where, ve.Reason)
+	}
+	return err
 }

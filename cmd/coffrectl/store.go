@@ -35,24 +35,9 @@ func storeCommands() []*command {
 			if !ok || eps == "" {
 				return fmt.Errorf("%w: --to must be etcd:URL[,URL…]", errUsage)
 			}
-			var tlsCfg *tls.Config
-			if caFile != "" || certFile != "" || keyFile != "" {
-				if caFile == "" || certFile == "" || keyFile == "" {
-					return fmt.Errorf("%w: --etcd-ca, --etcd-cert and --etcd-key go together", errUsage)
-				}
-				ca, err := readInput("--etcd-ca", caFile)
-				if err != nil {
-					return err
-				}
-				pool := x509.NewCertPool()
-				if !pool.AppendCertsFromPEM(ca) {
-					return fmt.Errorf("--etcd-ca %s holds no PEM certificate", caFile)
-				}
-				cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-				if err != nil {
-					return fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
-				}
-				tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}}
+			tlsCfg, err := etcdTLS(caFile, certFile, keyFile)
+			if err != nil {
+				return err
 			}
 			src, err := store.OpenBolt(path, store.BoltOptions{})
 			if err != nil {
@@ -114,4 +99,41 @@ func migrate(ctx context.Context, src, dst store.Store) (int, error) {
 		return 0, fmt.Errorf("verify: the destination holds %d keys, the source %d", len(after), len(kvs))
 	}
 	return len(kvs), nil
+}
+
+// etcdTLS loads the mutual-TLS material for etcd: all three files, or none
+// (then only loopback endpoints are accepted by the store).
+func etcdTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
+	if caFile == "" && certFile == "" && keyFile == "" {
+		return nil, nil
+	}
+	if caFile == "" || certFile == "" || keyFile == "" {
+		return nil, fmt.Errorf("%w: --etcd-ca, --etcd-cert and --etcd-key go together", errUsage)
+	}
+	ca, err := readInput("--etcd-ca", caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return nil, fmt.Errorf("--etcd-ca %s holds no PEM certificate", caFile)
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}}, nil
+}
+
+// openEtcdFlag opens the store an "etcd:URL[,URL…]" flag names.
+func openEtcdFlag(ctx context.Context, flagName, spec, prefix string, tlsCfg *tls.Config) (*store.Etcd, error) {
+	eps, ok := strings.CutPrefix(spec, "etcd:")
+	if !ok || eps == "" {
+		return nil, fmt.Errorf("%w: %s must be etcd:URL[,URL…]", errUsage, flagName)
+	}
+	st, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: strings.Split(eps, ","), Prefix: prefix, TLS: tlsCfg})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flagName, err)
+	}
+	return st, nil
 }

@@ -135,3 +135,42 @@ func VerifyDir(dir string, v *Verifier) (*Report, error) {
 	rep.Root, _ = t.root(n)
 	return rep, nil
 }
+
+// VerifyEntries checks a log held somewhere other than its directory — the
+// copy a node replicated to the shared store — against a checkpoint note:
+// every entry parses canonically, has index 0, 1, … and names node; the
+// note carries valid signatures from v; and the entries' Merkle root at the
+// checkpoint's size is the checkpoint's root. The first problem is a
+// *VerifyError.
+func VerifyEntries(entries [][]byte, node string, note []byte, v *Verifier) (*Report, error) {
+	t := newTree()
+	for i, raw := range entries {
+		e, err := ParseEntry(raw)
+		if err != nil {
+			return nil, &VerifyError{Index: int64(i), Reason: err.Error()} // #nosec G115 -- i < len(entries)
+		}
+		if e.Index != uint64(i) || e.Node != node { // #nosec G115 -- i ≥ 0
+			return nil, &VerifyError{Index: int64(i), Reason: fmt.Sprintf("entry says index %d of node %q", e.Index, e.Node)} // #nosec G115
+		}
+		t.appendLeaf(LeafHash(raw))
+	}
+	cp, err := ParseCheckpoint(note, v)
+	if err != nil {
+		return nil, &VerifyError{Index: -1, Reason: err.Error()}
+	}
+	if cp.Size > t.size() {
+		return nil, &VerifyError{Index: -1, Reason: fmt.Sprintf("the checkpoint covers %d entries, only %d are present: entries were removed", cp.Size, t.size())}
+	}
+	root, err := t.root(cp.Size)
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(root, cp.Root) {
+		return nil, &VerifyError{Index: 0, Reason: fmt.Sprintf("entries 0..%d do not hash to the signed checkpoint's root: an entry was altered, removed or reordered", cp.Size)}
+	}
+	all, err := t.root(t.size())
+	if err != nil {
+		return nil, err
+	}
+	return &Report{Origin: cp.Origin, Entries: t.size(), Checkpoints: 1, LastSize: cp.Size, LastRoot: cp.Root, Root: all}, nil
+}
