@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -47,9 +45,7 @@ type JSONLSink struct {
 	cfg   JSONLConfig
 	spool *Spool
 
-	running atomic.Bool
-	errMu   sync.Mutex
-	lastErr error
+	runner sinkRunner
 }
 
 // NewJSONLSink validates cfg and opens the sink's spool.
@@ -88,9 +84,7 @@ func (s *JSONLSink) Status() JSONLStatus {
 	if size := s.src.Size(); size > st.Cursor {
 		st.Lag = size - st.Cursor
 	}
-	s.errMu.Lock()
-	st.LastError = s.lastErr
-	s.errMu.Unlock()
+	st.LastError = s.runner.lastError()
 	return st
 }
 
@@ -98,31 +92,7 @@ func (s *JSONLSink) Status() JSONLStatus {
 // backoff after I/O errors. It returns ctx.Err() when ctx ends, or an error
 // retrying cannot fix (the source serving a bad record).
 func (s *JSONLSink) Run(ctx context.Context) error {
-	if !s.running.CompareAndSwap(false, true) {
-		return ErrSinkRunning
-	}
-	defer s.running.Store(false)
-	bo := backoff{min: s.cfg.MinBackoff, max: s.cfg.MaxBackoff}
-	for {
-		before := s.spool.Next()
-		err := s.session(ctx)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		var perm *permanentError
-		if errors.As(err, &perm) {
-			return perm.err
-		}
-		s.errMu.Lock()
-		s.lastErr = err
-		s.errMu.Unlock()
-		if s.spool.Next() > before {
-			bo.reset()
-		}
-		if sleepCtx(ctx, bo.next()) != nil {
-			return ctx.Err()
-		}
-	}
+	return s.runner.run(ctx, s.spool, backoff{min: s.cfg.MinBackoff, max: s.cfg.MaxBackoff}, s.session, nil)
 }
 
 func (s *JSONLSink) session(ctx context.Context) error {

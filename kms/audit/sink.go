@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -254,4 +255,56 @@ func recordEntry(r Record) (*Entry, []byte, error) {
 		}
 	}
 	return e, raw, nil
+}
+
+// sinkRunner is the delivery loop every sink shares: one Run at a time;
+// sessions one after another until ctx ends; after a failed session, a
+// backoff (reset when the session moved the cursor), the error kept for
+// Status; a session that returns nil ended on purpose and the next starts
+// at once; a permanentError ends Run.
+type sinkRunner struct {
+	running atomic.Bool
+	errMu   sync.Mutex
+	lastErr error
+}
+
+func (r *sinkRunner) run(ctx context.Context, spool *Spool, bo backoff, session func(context.Context) error, failed func()) error {
+	if !r.running.CompareAndSwap(false, true) {
+		return ErrSinkRunning
+	}
+	defer r.running.Store(false)
+	for {
+		before := spool.Next()
+		err := session(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var perm *permanentError
+		if errors.As(err, &perm) {
+			return perm.err
+		}
+		if err == nil {
+			bo.reset()
+			continue
+		}
+		if failed != nil {
+			failed()
+		}
+		r.errMu.Lock()
+		r.lastErr = err
+		r.errMu.Unlock()
+		if spool.Next() > before {
+			bo.reset()
+		}
+		if sleepCtx(ctx, bo.next()) != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// lastError is the last session failure, nil if none yet.
+func (r *sinkRunner) lastError() error {
+	r.errMu.Lock()
+	defer r.errMu.Unlock()
+	return r.lastErr
 }

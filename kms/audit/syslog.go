@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -119,12 +118,10 @@ type SyslogSink struct {
 	app   string
 	fac   int
 
-	running    atomic.Bool
+	runner     sinkRunner
 	connected  atomic.Bool
 	sent       atomic.Uint64
 	reconnects atomic.Uint64
-	errMu      sync.Mutex
-	lastErr    error
 }
 
 // Sentinel errors of a syslog session.
@@ -218,9 +215,7 @@ func (s *SyslogSink) Status() SyslogStatus {
 	if size := s.src.Size(); size > cur {
 		st.Lag = size - cur
 	}
-	s.errMu.Lock()
-	st.LastError = s.lastErr
-	s.errMu.Unlock()
+	st.LastError = s.runner.lastError()
 	return st
 }
 
@@ -230,37 +225,10 @@ func (s *SyslogSink) Status() SyslogStatus {
 // that retrying cannot fix (the source serving a bad record, the spool
 // unwritable).
 func (s *SyslogSink) Run(ctx context.Context) error {
-	if !s.running.CompareAndSwap(false, true) {
-		return ErrSinkRunning
-	}
-	defer s.running.Store(false)
-	bo := backoff{min: s.cfg.MinBackoff, max: s.cfg.MaxBackoff}
-	for {
-		before := s.spool.Next()
-		err := s.session(ctx)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		var perm *permanentError
-		if errors.As(err, &perm) {
-			return perm.err
-		}
-		if err == nil {
-			// Confirmed and closed on purpose: reconnect now.
-			bo.reset()
-			continue
-		}
-		s.reconnects.Add(1)
-		s.errMu.Lock()
-		s.lastErr = err
-		s.errMu.Unlock()
-		if s.spool.Next() > before {
-			bo.reset()
-		}
-		if sleepCtx(ctx, bo.next()) != nil {
-			return ctx.Err()
-		}
-	}
+	// A session that returns nil was confirmed and closed on purpose:
+	// the runner reconnects at once.
+	return s.runner.run(ctx, s.spool, backoff{min: s.cfg.MinBackoff, max: s.cfg.MaxBackoff}, s.session,
+		func() { s.reconnects.Add(1) })
 }
 
 // permanentError is a failure that reconnecting cannot fix.
