@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -118,11 +119,11 @@ func (w *world) identity(sw *swtpmtest.SWTPM) ([]byte, map[uint32][]byte) {
 	}
 	pcrs := map[uint32][]byte{}
 	for k, v := range hexes {
-		var i uint32
-		if _, err := fmtSscan(k, &i); err != nil {
+		i, err := strconv.ParseUint(k, 10, 5)
+		if err != nil {
 			w.t.Fatal(err)
 		}
-		pcrs[i], _ = hex.DecodeString(v)
+		pcrs[uint32(i)], _ = hex.DecodeString(v)
 	}
 	return cert, pcrs
 }
@@ -364,16 +365,4 @@ func extendPCR(t *testing.T, sw *swtpmtest.SWTPM, pcr uint32) {
 	if err != nil {
 		t.Fatalf("extend PCR %d: %v", pcr, err)
 	}
-}
-
-func fmtSscan(s string, v *uint32) (int, error) {
-	var n uint64
-	for _, c := range s {
-		if c < '0' || c > '9' {
-			return 0, os.ErrInvalid
-		}
-		n = n*10 + uint64(c-'0')
-	}
-	*v = uint32(n) // #nosec G115 -- PCR indexes from our own identity file
-	return 1, nil
 }

@@ -31,10 +31,6 @@ func storeCommands() []*command {
 			if !ok || path == "" {
 				return fmt.Errorf("%w: --from must be bbolt:PATH", errUsage)
 			}
-			eps, ok := strings.CutPrefix(to, "etcd:")
-			if !ok || eps == "" {
-				return fmt.Errorf("%w: --to must be etcd:URL[,URL…]", errUsage)
-			}
 			tlsCfg, err := etcdTLS(caFile, certFile, keyFile)
 			if err != nil {
 				return err
@@ -44,9 +40,9 @@ func storeCommands() []*command {
 				return fmt.Errorf("--from: %w (is coffred still running on it?)", err)
 			}
 			defer src.Close()
-			dst, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: strings.Split(eps, ","), Prefix: prefix, TLS: tlsCfg})
+			dst, err := openEtcdFlag(ctx, "--to", to, prefix, tlsCfg)
 			if err != nil {
-				return fmt.Errorf("--to: %w", err)
+				return err
 			}
 			defer dst.Close()
 			n, err := migrate(ctx, src, dst)

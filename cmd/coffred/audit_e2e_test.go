@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -226,19 +227,12 @@ func writeIdentity(t *testing.T, spec, dir string) {
 	}
 	hexv := map[string]string{}
 	for i, v := range values {
-		hexv[itoa(i)] = hex.EncodeToString(v)
+		hexv[strconv.FormatUint(uint64(i), 10)] = hex.EncodeToString(v)
 	}
 	b, _ := json.Marshal(hexv)
 	if err := os.WriteFile(filepath.Join(dir, "pcrs.json"), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func itoa(i uint32) string {
-	if i < 10 {
-		return string(rune('0' + i))
-	}
-	return string(rune('0'+i/10)) + string(rune('0'+i%10))
 }
 
 func fillDisk(t *testing.T, path string) {

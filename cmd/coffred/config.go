@@ -168,6 +168,10 @@ type TLSConfig struct {
 	AdminCAs *x509.CertPool
 	// AuditorCAs issue auditor client certificates (nil: no auditors).
 	AuditorCAs *x509.CertPool
+	// ClientCAs holds every CA above: the TLS layer accepts a client
+	// certificate from any of them; kms/server decides the role per service
+	// against that role's own pool.
+	ClientCAs *x509.CertPool
 }
 
 // HSMConfig names the root key.
@@ -737,17 +741,19 @@ func (v *validator) tls(r *rawTLS) TLSConfig {
 			c.Certificate = cert
 		}
 	}
-	c.AdminCAs = v.caPool("tls.admin_client_ca_file", c.AdminClientCAFile, caPEM)
+	c.ClientCAs = x509.NewCertPool()
+	c.AdminCAs = v.caPool("tls.admin_client_ca_file", c.AdminClientCAFile, caPEM, c.ClientCAs)
 	if r.AuditorClientCAFile != nil {
 		var auditorPEM []byte
 		c.AuditorClientCAFile, auditorPEM = v.file("tls.auditor_client_ca_file", r.AuditorClientCAFile)
-		c.AuditorCAs = v.caPool("tls.auditor_client_ca_file", c.AuditorClientCAFile, auditorPEM)
+		c.AuditorCAs = v.caPool("tls.auditor_client_ca_file", c.AuditorClientCAFile, auditorPEM, c.ClientCAs)
 	}
 	return c
 }
 
-// caPool parses a file of CA certificates for a client-certificate role.
-func (v *validator) caPool(field, name string, data []byte) *x509.CertPool {
+// caPool parses a file of CA certificates for a client-certificate role,
+// adding them also to all, the pool the TLS layer accepts.
+func (v *validator) caPool(field, name string, data []byte, all *x509.CertPool) *x509.CertPool {
 	if data == nil {
 		return nil
 	}
@@ -762,6 +768,7 @@ func (v *validator) caPool(field, name string, data []byte) *x509.CertPool {
 			v.fail(field, "%q: certificate %q is not a CA certificate", name, ca.Subject.String())
 		}
 		pool.AddCert(ca)
+		all.AddCert(ca)
 	}
 	return pool
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -194,7 +193,7 @@ func grpcOptions(cfg *Config) []grpc.ServerOption {
 		// probes work without one; if one is given it must verify against
 		// the admin CAs, and AdminService requires it (kms/server).
 		ClientAuth: tls.VerifyClientCertIfGiven,
-		ClientCAs:  clientCAs(cfg.TLS),
+		ClientCAs:  cfg.TLS.ClientCAs,
 	}
 	return []grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
@@ -225,22 +224,6 @@ func redactedKeyID(uri string) string {
 		return "the configured root key"
 	}
 	return u.KeyID()
-}
-
-// clientCAs is every CA whose client certificates the TLS layer accepts;
-// which role a certificate has is decided per service by kms/server, which
-// checks each chain against that role's own pool again.
-func clientCAs(c TLSConfig) *x509.CertPool {
-	if c.AuditorCAs == nil {
-		return c.AdminCAs
-	}
-	pool := x509.NewCertPool()
-	for _, f := range []string{c.AdminClientCAFile, c.AuditorClientCAFile} {
-		if data, err := readLimited(f, maxPEMBytes); err == nil {
-			pool.AppendCertsFromPEM(data)
-		}
-	}
-	return pool
 }
 
 // startSinks runs the configured audit sinks until the returned function is
