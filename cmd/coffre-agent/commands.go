@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"flag"
 	"fmt"
+	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 	"io"
 	"os"
 	"path/filepath"
@@ -108,11 +109,11 @@ func commands() []*command {
 				defer clear(key)
 				w := wrappedKey{Format: wrappedFormat, Keyring: keyring, Envelope: base64.StdEncoding.EncodeToString(envelope), Context: ec}
 				b, _ := json.MarshalIndent(w, "", "  ")
-				if err := writeFileAtomic(outWrapped, append(b, '\n'), 0o644); err != nil {
+				if err := atomicfile.WriteFile(outWrapped, append(b, '\n'), 0o644); err != nil {
 					return err
 				}
 				if outPlain != "" {
-					if err := writeFileAtomic(outPlain, key, 0o600); err != nil {
+					if err := atomicfile.WriteFile(outPlain, key, 0o600); err != nil {
 						return err
 					}
 				}
@@ -144,7 +145,7 @@ func commands() []*command {
 					return rpcError(err)
 				}
 				defer clear(key)
-				if err := writeFileAtomic(outPlain, key, 0o600); err != nil {
+				if err := atomicfile.WriteFile(outPlain, key, 0o600); err != nil {
 					return err
 				}
 				fmt.Fprintf(e.stdout, "data key of %s written to %s (key sha256 %s…)\n", w.Keyring, outPlain, fingerprint(key))
@@ -178,7 +179,7 @@ func commands() []*command {
 					return rpcError(err)
 				}
 				defer clear(key)
-				if err := writeAtomic(out, 0o644, func(w io.Writer) error {
+				if err := atomicfile.Write(out, 0o644, func(w io.Writer) error {
 					return encryptStream(w, src, key, envelope, ec)
 				}); err != nil {
 					return err
@@ -216,7 +217,7 @@ func commands() []*command {
 					return rpcError(err)
 				}
 				defer clear(key)
-				if err := writeAtomic(out, 0o600, func(w io.Writer) error {
+				if err := atomicfile.Write(out, 0o600, func(w io.Writer) error {
 					return decryptStream(w, src, key, header)
 				}); err != nil {
 					return fmt.Errorf("%s: %w", in, err)
@@ -256,12 +257,12 @@ func commands() []*command {
 				if err := os.MkdirAll(outDir, 0o755); err != nil { // #nosec G301 -- public material only
 					return err
 				}
-				if err := writeFileAtomic(filepath.Join(outDir, "ek.pub"), a.EKPublic(), 0o644); err != nil {
+				if err := atomicfile.WriteFile(filepath.Join(outDir, "ek.pub"), a.EKPublic(), 0o644); err != nil {
 					return err
 				}
 				if cert := a.EKCertificate(); cert != nil {
 					p := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert})
-					if err := writeFileAtomic(filepath.Join(outDir, "ek-cert.pem"), p, 0o644); err != nil {
+					if err := atomicfile.WriteFile(filepath.Join(outDir, "ek-cert.pem"), p, 0o644); err != nil {
 						return err
 					}
 				}
@@ -270,7 +271,7 @@ func commands() []*command {
 					hexv[fmt.Sprint(i)] = hex.EncodeToString(v)
 				}
 				b, _ := json.MarshalIndent(hexv, "", "  ")
-				if err := writeFileAtomic(filepath.Join(outDir, "pcrs.json"), append(b, '\n'), 0o644); err != nil {
+				if err := atomicfile.WriteFile(filepath.Join(outDir, "pcrs.json"), append(b, '\n'), 0o644); err != nil {
 					return err
 				}
 				fmt.Fprintf(e.stdout, "wrote ek.pub%s and pcrs.json to %s\n", map[bool]string{true: ", ek-cert.pem", false: ""}[a.EKCertificate() != nil], outDir)

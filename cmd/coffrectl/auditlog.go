@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 	"io"
 	"os"
 	"text/tabwriter"
@@ -280,7 +281,7 @@ func auditCommands() []*command {
 				if _, err := c.AddCosignature(cctx, &coffrev1.AddCosignatureRequest{Note: note}); err != nil {
 					return rpcError(err)
 				}
-				if err := writeFileAtomic(stateFile, next.Note, 0o600); err != nil {
+				if err := atomicfile.WriteFile(stateFile, next.Note, 0o600); err != nil {
 					return err
 				}
 				fmt.Fprintf(e.stdout, "cosigned checkpoint %s size %d (consistent with %d)\n", next.Origin, next.Size, sizeOf(prev))
@@ -310,10 +311,10 @@ func auditCommands() []*command {
 					return err
 				}
 				defer clear(b)
-				if err := writeFileAtomic(keyOut, b, 0o600); err != nil {
+				if err := atomicfile.WriteFile(keyOut, b, 0o600); err != nil {
 					return err
 				}
-				if err := writeFileAtomic(keyOut+".pub", s.Verifier().Marshal(), 0o644); err != nil {
+				if err := atomicfile.WriteFile(keyOut+".pub", s.Verifier().Marshal(), 0o644); err != nil {
 					return err
 				}
 				fmt.Fprintf(e.stdout, "wrote %s and %s.pub\n", keyOut, keyOut)
@@ -357,15 +358,6 @@ func printEntry(w io.Writer, rec *coffrev1.AuditRecord, asJSON bool) error {
 	_, err := fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s:%s\t%s\t%s\n", rec.GetIndex(), stamp(en.Time), en.Decision, en.Operation,
 		en.Actor.Kind, en.Actor.ID, en.Keyring, en.Reason)
 	return err
-}
-
-// writeFileAtomic writes through a temporary file renamed into place.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, mode); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // verifyErr words a verification failure, naming the first bad entry.

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 	"io"
 	"log/slog"
 	"net"
@@ -196,7 +197,7 @@ func prepareDev(ctx context.Context, o devOptions, stdout io.Writer, log *slog.L
 	if !fileExists(e.softhsmConf) {
 		conf := fmt.Sprintf("# Written by coffred dev.\ndirectories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
 			filepath.Join(abs, "softhsm", "tokens"))
-		if err := writeFileAtomic(e.softhsmConf, []byte(conf), 0o600); err != nil {
+		if err := atomicfile.WriteFile(e.softhsmConf, []byte(conf), 0o600); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -276,7 +277,7 @@ func prepareDev(ctx context.Context, o devOptions, stdout io.Writer, log *slog.L
 		if err != nil {
 			return nil, nil, err
 		}
-		if err := writeFileAtomic(e.configPath, data, 0o600); err != nil {
+		if err := atomicfile.WriteFile(e.configPath, data, 0o600); err != nil {
 			return nil, nil, err
 		}
 		say("wrote %s", e.configPath)
@@ -395,7 +396,7 @@ func (e *devEnv) writeShellEnv(addr, nodeTPM string) error {
 	if nodeTPM != "" {
 		fmt.Fprintf(&b, "export COFFRE_TPM=%s\n", shellQuote(nodeTPM))
 	}
-	return writeFileAtomic(e.envFile, []byte(b.String()), 0o644)
+	return atomicfile.WriteFile(e.envFile, []byte(b.String()), 0o644)
 }
 
 // ensurePIN returns the PIN stored in name, or makes a random one. It
@@ -417,7 +418,7 @@ func ensurePIN(name string) (string, bool, error) {
 		return "", false, err
 	}
 	pin := hex.EncodeToString(b[:])
-	if err := writeFileAtomic(name, []byte(pin+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(name, []byte(pin+"\n"), 0o600); err != nil {
 		return "", false, err
 	}
 	return pin, true, nil
@@ -465,7 +466,7 @@ func ensureAuditSigner(path string, say func(string, ...any)) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", path, err)
 		}
-		return writeFileAtomic(pub, s.Verifier().Marshal(), 0o644)
+		return atomicfile.WriteFile(pub, s.Verifier().Marshal(), 0o644)
 	}
 	s, err := audit.GenerateSigner("coffre-dev")
 	if err != nil {
@@ -476,10 +477,10 @@ func ensureAuditSigner(path string, say func(string, ...any)) error {
 		return err
 	}
 	defer clear(b)
-	if err := writeFileAtomic(path, b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(path, b, 0o600); err != nil {
 		return err
 	}
-	if err := writeFileAtomic(pub, s.Verifier().Marshal(), 0o644); err != nil {
+	if err := atomicfile.WriteFile(pub, s.Verifier().Marshal(), 0o644); err != nil {
 		return err
 	}
 	say("made the audit checkpoint signer %s (public key %s)", path, pub)

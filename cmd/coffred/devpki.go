@@ -11,11 +11,11 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 	"io/fs"
 	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"time"
 )
@@ -100,7 +100,7 @@ func ensureCA(certFile, keyFile string, now time.Time) (*devCA, bool, error) {
 	if err := writeKeyFile(keyFile, key); err != nil {
 		return nil, false, err
 	}
-	if err := writeFileAtomic(certFile, pemCert(der), 0o644); err != nil {
+	if err := atomicfile.WriteFile(certFile, pemCert(der), 0o644); err != nil {
 		return nil, false, err
 	}
 	return &devCA{cert: cert, key: key}, true, nil
@@ -136,7 +136,7 @@ func (ca *devCA) ensureLeaf(spec leafSpec, now time.Time) (bool, error) {
 	if err := writeKeyFile(spec.keyFile, key); err != nil {
 		return false, err
 	}
-	if err := writeFileAtomic(spec.certFile, pemCert(der), 0o644); err != nil {
+	if err := atomicfile.WriteFile(spec.certFile, pemCert(der), 0o644); err != nil {
 		return false, err
 	}
 	return true, nil
@@ -184,41 +184,7 @@ func writeKeyFile(name string, key *ecdsa.PrivateKey) error {
 	data := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 	defer clear(der)
 	defer clear(data)
-	return writeFileAtomic(name, data, 0o600)
-}
-
-// writeFileAtomic writes data to name through a temporary file and a
-// rename, so that an interrupted "coffred dev" leaves either the old file or
-// the new one, never half a key. The file has mode perm from its creation.
-func writeFileAtomic(name string, data []byte, perm fs.FileMode) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = f.Close()      // already failing: err says why
-			_ = os.Remove(tmp) // best effort; a leftover temp file holds no secret yet
-		}
-	}()
-	// CreateTemp makes the file 0600; only widen it when asked to.
-	if err := f.Chmod(perm); err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, name); err != nil {
-		return err
-	}
-	return nil
+	return atomicfile.WriteFile(name, data, 0o600)
 }
 
 func fileExists(name string) bool {
