@@ -38,6 +38,16 @@ const (
 	StateActive
 	// StateDeactivated versions decrypt only.
 	StateDeactivated
+	// StateDisabled versions neither encrypt nor decrypt, reversibly
+	// ([Service.EnableVersion]).
+	StateDisabled
+	// StateDestroyScheduled versions neither encrypt nor decrypt and are
+	// destroyed at their DestroyTime unless [Service.CancelDestroy] returns
+	// them to StateDisabled first.
+	StateDestroyScheduled
+	// StateDestroyed versions have had their KEK erased (crypto-shred): no
+	// envelope under them opens again. DestroyTime says when it was due.
+	StateDestroyed
 )
 
 // KeyVersion describes one KEK version of a keyring; it never holds key
@@ -47,14 +57,24 @@ type KeyVersion struct {
 	State      KeyState
 	CreateTime time.Time
 	RootID     string // the HSM root that wrapped it
+	// DestroyTime is when a StateDestroyScheduled version will be
+	// destroyed, or when a StateDestroyed one was due; zero otherwise.
+	DestroyTime time.Time
 }
 
 // Keyring is the public description of a keyring.
 type Keyring struct {
 	ID         KeyringID
 	CreateTime time.Time
-	Primary    uint32 // the version that encrypts
+	Primary    uint32 // the version that encrypts, when it is StateActive
 	Versions   []KeyVersion
+	// RotationPeriod is how often [Service.RotateDue] rotates the keyring
+	// (0: never); NextRotationTime is when it next will (zero: never).
+	RotationPeriod   time.Duration
+	NextRotationTime time.Time
+	// MinDecryptionVersion: envelopes under a lower version do not open
+	// (0 or 1: no limit).
+	MinDecryptionVersion uint32
 }
 
 // DataKey is a freshly generated data key: its plaintext, which the caller
@@ -69,7 +89,12 @@ type DataKey struct {
 // Config configures a [Service].
 type Config struct {
 	Store store.Store
-	Root  hsm.Root
+	// Root wraps every new KEK version (hsm.NewDual for two vendors).
+	Root hsm.Root
+	// PreviousRoots are roots that KEK versions may still be wrapped by
+	// during a root rotation ([Service.RotateRoot]): they only unwrap.
+	// Their IDs must differ from each other and from Root's.
+	PreviousRoots []hsm.Root
 	// CacheSize bounds the number of unwrapped KEK versions held in memory
 	// (default 1024); CacheTTL bounds how long one stays (default 10m).
 	CacheSize int

@@ -12,8 +12,18 @@ const keyringPrefix = "keyrings/"
 
 func keyringKey(id KeyringID) string { return keyringPrefix + id.Tenant + "/" + id.Name }
 
-// recordFormat is the version of the stored keyring encoding.
-const recordFormat = 1
+// recordFormat is the version of the stored keyring encoding that this
+// server writes. Format 2 added the lifecycle (states disabled,
+// destroy_scheduled and destroyed, destroy_time, rotation period, next
+// rotation, minimum decryption version). Format 1 records are still read:
+// they are format 2 records without any of those. The number was bumped,
+// rather than the fields added silently, so that a server of format 1 in a
+// mixed cluster refuses a format 2 record instead of ignoring its minimum
+// decryption version and decrypting what it must not.
+const recordFormat = 2
+
+// recordFormatV1 is the format before the lifecycle, read but not written.
+const recordFormatV1 = 1
 
 // keyringRecord is a keyring as stored. One record holds every version, so
 // a rotation is one compare-and-swap: a crash leaves the old record or the
@@ -26,6 +36,14 @@ type keyringRecord struct {
 	CreateTime time.Time       `json:"create_time"`
 	Primary    uint32          `json:"primary"`
 	Versions   []versionRecord `json:"versions"`
+
+	// RotationPeriod (nanoseconds) is how often RotateDue rotates the
+	// keyring; 0 means never. NextRotationTime is set exactly when it is.
+	RotationPeriod   time.Duration `json:"rotation_period,omitzero"`
+	NextRotationTime time.Time     `json:"next_rotation_time,omitzero"`
+	// MinDecryptionVersion: versions below it refuse to decrypt. 0 and 1
+	// both mean every version may.
+	MinDecryptionVersion uint32 `json:"min_decryption_version,omitzero"`
 }
 
 type versionRecord struct {
@@ -33,10 +51,21 @@ type versionRecord struct {
 	State      string    `json:"state"`
 	CreateTime time.Time `json:"create_time"`
 	RootID     string    `json:"root_id"`
-	Wrapped    []byte    `json:"wrapped"` // the KEK wrapped by the root: never plaintext
+	// Wrapped is the KEK wrapped by the root: never plaintext. It is nil
+	// exactly when the version is destroyed.
+	Wrapped []byte `json:"wrapped,omitempty"`
+	// DestroyTime is when a destroy_scheduled version becomes due, and when
+	// a destroyed one was due; zero in every other state.
+	DestroyTime time.Time `json:"destroy_time,omitzero"`
 }
 
-var stateNames = map[KeyState]string{StateActive: "active", StateDeactivated: "deactivated"}
+var stateNames = map[KeyState]string{
+	StateActive:           "active",
+	StateDeactivated:      "deactivated",
+	StateDisabled:         "disabled",
+	StateDestroyScheduled: "destroy_scheduled",
+	StateDestroyed:        "destroyed",
+}
 
 // String returns the state's name as stored and printed.
 func (s KeyState) String() string {
@@ -57,6 +86,19 @@ func parseState(s string) (KeyState, bool) {
 
 func (r *keyringRecord) id() KeyringID { return KeyringID{Tenant: r.Tenant, Name: r.Name} }
 
+// state is v's state; decodeRecord has checked that it parses.
+func (v *versionRecord) state() KeyState {
+	st, _ := parseState(v.State)
+	return st
+}
+
+// decrypts reports whether envelopes under version v of r may be opened:
+// its state allows it and it is not below the minimum decryption version.
+func (r *keyringRecord) decrypts(v *versionRecord) bool {
+	st := v.state()
+	return (st == StateActive || st == StateDeactivated) && v.Version >= r.MinDecryptionVersion
+}
+
 func (r *keyringRecord) version(v uint32) *versionRecord {
 	for i := range r.Versions {
 		if r.Versions[i].Version == v {
@@ -73,33 +115,67 @@ func decodeRecord(key string, b []byte) (*keyringRecord, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return nil, fmt.Errorf("kms: stored keyring %s: %v", key, err)
 	}
-	if r.Format != recordFormat {
-		return nil, fmt.Errorf("kms: stored keyring %s: format %d, this server reads %d", key, r.Format, recordFormat)
+	if r.Format != recordFormat && r.Format != recordFormatV1 {
+		return nil, fmt.Errorf("kms: stored keyring %s: format %d, this server reads %d and %d", key, r.Format, recordFormatV1, recordFormat)
 	}
 	if err := r.id().Validate(); err != nil || keyringKey(r.id()) != key {
 		return nil, fmt.Errorf("kms: stored keyring %s names %s", key, r.id())
 	}
-	if len(r.UID) != 16 {
-		return nil, fmt.Errorf("kms: stored keyring %s: uid of %d bytes", key, len(r.UID))
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("kms: stored keyring %s: %s", key, fmt.Sprintf(format, args...))
 	}
+	if len(r.UID) != 16 {
+		return nil, bad("uid of %d bytes", len(r.UID))
+	}
+	if len(r.Versions) == 0 || r.Primary < 1 || int(r.Primary) > len(r.Versions) {
+		return nil, bad("primary %d of %d versions", r.Primary, len(r.Versions))
+	}
+	if r.MinDecryptionVersion > r.Primary {
+		return nil, bad("minimum decryption version %d above the primary %d", r.MinDecryptionVersion, r.Primary)
+	}
+	if r.RotationPeriod != 0 {
+		if err := checkRotationPeriod(r.RotationPeriod); err != nil {
+			return nil, bad("%v", err)
+		}
+	}
+	if (r.RotationPeriod == 0) != r.NextRotationTime.IsZero() {
+		return nil, bad("rotation period %v with next rotation %v", r.RotationPeriod, r.NextRotationTime)
+	}
+	lifecycle := r.RotationPeriod != 0 || r.MinDecryptionVersion != 0
 	active := 0
 	for i, v := range r.Versions {
 		st, ok := parseState(v.State)
 		if !ok {
-			return nil, fmt.Errorf("kms: stored keyring %s: version %d has unknown state %q", key, v.Version, v.State)
+			return nil, bad("version %d has unknown state %q", v.Version, v.State)
 		}
-		if v.Version != uint32(i+1) {
-			return nil, fmt.Errorf("kms: stored keyring %s: versions not numbered 1..n", key)
+		if v.Version != uint32(i+1) { // #nosec G115 -- i < len(Versions), bounded by the value size
+			return nil, bad("versions not numbered 1..n")
 		}
 		if st == StateActive {
 			active++
 			if v.Version != r.Primary {
-				return nil, fmt.Errorf("kms: stored keyring %s: active version %d is not the primary %d", key, v.Version, r.Primary)
+				return nil, bad("active version %d is not the primary %d", v.Version, r.Primary)
 			}
 		}
+		// Crypto-shred: a destroyed version keeps no wrapped bytes, and a
+		// version that lost them without being destroyed is damage, not a
+		// state.
+		if (st == StateDestroyed) != (len(v.Wrapped) == 0) {
+			return nil, bad("version %d is %s with %d wrapped bytes", v.Version, st, len(v.Wrapped))
+		}
+		scheduled := st == StateDestroyScheduled || st == StateDestroyed
+		if scheduled == v.DestroyTime.IsZero() {
+			return nil, bad("version %d is %s with destroy time %v", v.Version, st, v.DestroyTime)
+		}
+		if st != StateActive && st != StateDeactivated {
+			lifecycle = true
+		}
 	}
-	if active != 1 {
-		return nil, fmt.Errorf("kms: stored keyring %s: %d active versions, want exactly 1", key, active)
+	if active > 1 {
+		return nil, bad("%d active versions, want at most 1", active)
+	}
+	if r.Format == recordFormatV1 && (lifecycle || active != 1) {
+		return nil, bad("format %d record uses lifecycle states or fields of format %d", recordFormatV1, recordFormat)
 	}
 	return &r, nil
 }
@@ -114,10 +190,15 @@ func (r *keyringRecord) encode() []byte {
 
 // public describes r without key material.
 func (r *keyringRecord) public() *Keyring {
-	k := &Keyring{ID: r.id(), CreateTime: r.CreateTime, Primary: r.Primary}
+	k := &Keyring{
+		ID: r.id(), CreateTime: r.CreateTime, Primary: r.Primary,
+		RotationPeriod: r.RotationPeriod, NextRotationTime: r.NextRotationTime,
+		MinDecryptionVersion: r.MinDecryptionVersion,
+	}
 	for _, v := range r.Versions {
-		st, _ := parseState(v.State)
-		k.Versions = append(k.Versions, KeyVersion{Version: v.Version, State: st, CreateTime: v.CreateTime, RootID: v.RootID})
+		k.Versions = append(k.Versions, KeyVersion{
+			Version: v.Version, State: v.state(), CreateTime: v.CreateTime, RootID: v.RootID, DestroyTime: v.DestroyTime,
+		})
 	}
 	return k
 }

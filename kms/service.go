@@ -29,9 +29,12 @@ const (
 // envelopes. It is safe for concurrent use.
 type Service struct {
 	store store.Store
-	root  hsm.Root
-	now   func() time.Time
-	keks  *kekCache
+	// root wraps new KEK versions; previous (by ID) only unwraps versions
+	// not yet moved to root by RotateRoot. See rootFor.
+	root     hsm.Root
+	previous map[string]hsm.Root
+	now      func() time.Time
+	keks     *kekCache
 	// maxVersions is MaxVersions; tests lower it.
 	maxVersions int
 
@@ -70,10 +73,15 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	previous, err := previousRoots(cfg.Root, cfg.PreviousRoots)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
 		store:       cfg.Store,
 		root:        cfg.Root,
+		previous:    previous,
 		now:         cfg.Now,
 		keks:        newKEKCache(cfg.CacheSize, cfg.CacheTTL, cfg.Now),
 		maxVersions: MaxVersions,
@@ -130,6 +138,14 @@ func (s *Service) observe(ev store.Event) {
 	s.mu.Unlock()
 	if ok && ev.Type == store.EventDelete {
 		s.keks.purge(string(c.rec.UID))
+	}
+	if ev.Type == store.EventPut {
+		// A version disabled, scheduled for destruction or destroyed on
+		// another node leaves this node's KEK cache at once, not at the
+		// next use or TTL.
+		if rec, err := decodeRecord(ev.KV.Key, ev.KV.Value); err == nil {
+			s.purgeRetired(rec)
+		}
 	}
 }
 
@@ -289,45 +305,17 @@ func (s *Service) ListKeyrings(ctx context.Context, tenant string) ([]*Keyring, 
 // RotateKeyring adds a KEK version to keyring id and makes it the primary;
 // the previous primary is deactivated and keeps decrypting. The change is
 // one compare-and-swap of the keyring record, retried on a concurrent
-// write, so every caller's rotation happens exactly once.
+// write, so every caller's rotation happens exactly once. It also moves the
+// next automatic rotation one period from now. A keyring scheduled for
+// destruction or destroyed is not rotated (ErrFailedPrecondition).
 func (s *Service) RotateKeyring(ctx context.Context, id KeyringID) (*Keyring, error) {
-	if err := id.Validate(); err != nil {
+	rec, err := s.update(ctx, id, "rotation", func(next *keyringRecord) (bool, error) {
+		return true, s.rotate(ctx, next)
+	})
+	if err != nil {
 		return nil, err
 	}
-	key := keyringKey(id)
-	for range maxCASAttempts {
-		cur, rev, err := s.read(ctx, id)
-		if err != nil {
-			return nil, err
-		}
-		next := *cur
-		next.Versions = append([]versionRecord(nil), cur.Versions...)
-		for i := range next.Versions {
-			if next.Versions[i].State == StateActive.String() {
-				next.Versions[i].State = StateDeactivated.String()
-			}
-		}
-		if len(cur.Versions) >= s.maxVersions {
-			return nil, fmt.Errorf("%w: keyring %s has %d versions, the most a keyring may have", ErrFailedPrecondition, id, s.maxVersions)
-		}
-		nv := uint32(len(cur.Versions) + 1) // #nosec G115 -- bounded by MaxVersions
-		v, err := s.newVersion(ctx, &next, nv)
-		if err != nil {
-			return nil, err
-		}
-		next.Versions = append(next.Versions, v)
-		next.Primary = nv
-		newRev, err := s.store.CompareAndSwap(ctx, key, rev, next.encode())
-		if errors.Is(err, store.ErrConflict) {
-			continue
-		}
-		if err != nil {
-			return nil, storeErr(err)
-		}
-		s.remember(key, &next, newRev)
-		return next.public(), nil
-	}
-	return nil, fmt.Errorf("%w: keyring %s changed %d times during rotation; try again", ErrUnavailable, id, maxCASAttempts)
+	return rec.public(), nil
 }
 
 // withKEK runs f with the plaintext KEK of version v of rec, unwrapping it
@@ -335,16 +323,17 @@ func (s *Service) RotateKeyring(ctx context.Context, id KeyringID) (*Keyring, er
 func (s *Service) withKEK(ctx context.Context, rec *keyringRecord, v *versionRecord, f func(kek []byte) error) error {
 	ref := kekRef{uid: string(rec.UID), version: v.Version}
 	return s.keks.use(ref, func() (*Secret, error) {
-		if v.RootID != s.root.ID() {
+		root := s.rootFor(v.RootID)
+		if root == nil {
 			return nil, fmt.Errorf("%w: KEK %s v%d is wrapped by root %s; this server holds %s",
-				ErrFailedPrecondition, rec.id(), v.Version, v.RootID, s.root.ID())
+				ErrFailedPrecondition, rec.id(), v.Version, v.RootID, s.rootNames())
 		}
-		kek, err := s.root.Unwrap(ctx, v.Wrapped, kekAAD(rec, v.Version))
+		kek, err := root.Unwrap(ctx, v.Wrapped, kekAAD(rec, v.Version))
 		if errors.Is(err, hsm.ErrUnwrap) {
 			// The store is not trusted: this is where tampering with a
 			// wrapped KEK or its keyring identity shows.
 			slog.Error("kms: wrapped KEK failed authentication in the HSM", "keyring", rec.id().String(), "version", v.Version)
-			return nil, fmt.Errorf("kms: KEK %s v%d does not unwrap under root %s: the stored keyring was altered", rec.id(), v.Version, s.root.ID())
+			return nil, fmt.Errorf("kms: KEK %s v%d does not unwrap under root %s: the stored keyring was altered", rec.id(), v.Version, root.ID())
 		}
 		if err != nil {
 			return nil, fmt.Errorf("kms: unwrap KEK %s v%d: %w", rec.id(), v.Version, hsmErr(err))
@@ -385,6 +374,8 @@ func (s *Service) GenerateDataKey(ctx context.Context, id KeyringID, ec map[stri
 func (s *Service) seal(ctx context.Context, rec *keyringRecord, tenant string, dk, cec []byte, fresh bool) ([]byte, error) {
 	v := rec.version(rec.Primary)
 	if v == nil || v.State != StateActive.String() {
+		// The primary is disabled or scheduled for destruction (or
+		// destroyed) with the whole keyring.
 		return nil, fmt.Errorf("%w: keyring %s has no active version", ErrFailedPrecondition, rec.id())
 	}
 	var nonce [nonceSize]byte
@@ -459,7 +450,10 @@ func (s *Service) open(ctx context.Context, tenant string, e *envelope, cec []by
 			return nil, ErrDecrypt
 		}
 	}
-	if st, _ := parseState(v.State); st != StateActive && st != StateDeactivated {
+	if !rec.decrypts(v) {
+		// Disabled, scheduled for destruction, destroyed or below the
+		// minimum — perhaps by another node: its KEK must not linger here.
+		s.dropKEK(rec, v.Version)
 		return nil, ErrDecrypt
 	}
 	aad := envelopeAAD(e.header, tenant, e.keyring, cec)

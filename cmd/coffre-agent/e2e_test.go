@@ -23,7 +23,10 @@ import (
 
 	"github.com/coffre-kms/coffre/attest/agent"
 	"github.com/coffre-kms/coffre/attest/agent/swtpmtest"
+	"github.com/coffre-kms/coffre/cmd/internal/adminkey"
 	"github.com/coffre-kms/coffre/cmd/internal/devtest"
+	"github.com/coffre-kms/coffre/cmd/internal/keyfile"
+	"github.com/coffre-kms/coffre/kms/server/admintest"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -35,7 +38,7 @@ import (
 type world struct {
 	t     *testing.T
 	srv   *devtest.Server
-	admin coffrev1.AdminServiceClient
+	admin *admintest.Gated
 }
 
 func newWorld(t *testing.T) *world {
@@ -57,7 +60,20 @@ func newWorld(t *testing.T) *world {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &world{t: t, srv: srv, admin: coffrev1.NewAdminServiceClient(conn)}
+	// The dev server's quorum is its one dev admin: sign with that key.
+	keyFile, err := os.ReadFile(srv.Env["COFFRE_ADMIN_KEY"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass, err := keyfile.ReadPassphrase(srv.Env["COFFRE_ADMIN_PASSPHRASE_FILE"], "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, key, err := adminkey.ParseFile(keyFile, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &world{t: t, srv: srv, admin: &admintest.Gated{AdminServiceClient: coffrev1.NewAdminServiceClient(conn), Key: key}}
 }
 
 func callCtx(t *testing.T) context.Context {

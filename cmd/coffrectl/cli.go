@@ -29,6 +29,10 @@ type globals struct {
 	server, ca, cert, key string
 	timeout               time.Duration
 	json                  bool
+	// The admin's signing key for quorum approvals, and the file holding
+	// its passphrase (never the passphrase itself).
+	adminKey, adminPassFile string
+	proposalTTL             time.Duration
 }
 
 func (g *globals) register(fs *flag.FlagSet) {
@@ -38,6 +42,9 @@ func (g *globals) register(fs *flag.FlagSet) {
 	fs.StringVar(&g.key, "key", os.Getenv("COFFRE_KEY"), "admin client private key `FILE` (env COFFRE_KEY)")
 	fs.DurationVar(&g.timeout, "timeout", 30*time.Second, "deadline of each call to the server")
 	fs.BoolVar(&g.json, "json", false, "print results as JSON")
+	fs.StringVar(&g.adminKey, "admin-key", os.Getenv("COFFRE_ADMIN_KEY"), "your admin signing key, a `FILE` or pkcs11: URI, to approve quorum proposals (env COFFRE_ADMIN_KEY)")
+	fs.StringVar(&g.adminPassFile, "admin-passphrase-file", os.Getenv("COFFRE_ADMIN_PASSPHRASE_FILE"), "`FILE` holding the admin key's passphrase; without it, it is asked on the terminal (env COFFRE_ADMIN_PASSPHRASE_FILE)")
+	fs.DurationVar(&g.proposalTTL, "proposal-ttl", 24*time.Hour, "how long a new proposal waits for approvals (5m to 168h)")
 }
 
 // command is one leaf of the command tree.
@@ -60,10 +67,15 @@ type env struct {
 
 func commands() []*command {
 	cs := append(keyringCommands(), ceremonyCommands()...)
+	cs = append(cs, custodianCommands()...)
 	cs = append(cs, attestCommands()...)
 	cs = append(cs, enrollmentCommands()...)
 	cs = append(cs, auditCommands()...)
 	cs = append(cs, storeCommands()...)
+	cs = append(cs, backupCommands()...)
+	cs = append(cs, proposalCommands()...)
+	cs = append(cs, lifecycleCommands()...)
+	cs = append(cs, adminKeyCommands()...)
 	sort.Slice(cs, func(i, j int) bool { return cs[i].path < cs[j].path })
 	return cs
 }

@@ -133,6 +133,16 @@ func printMessage(w io.Writer, m proto.Message, asJSON bool) error {
 	case *coffrev1.KeyringPolicy:
 		fmt.Fprintf(w, "keyring        %s\nallow-class    %s\nrequire-label  %s\nrelease        %s\n",
 			m.GetKeyring(), strings.Join(m.GetAllowedClasses(), ","), mapFlag(m.GetRequiredLabels()).String(), releaseName(m.GetRelease()))
+	case *coffrev1.Proposal:
+		return printProposal(w, m, false)
+	case *coffrev1.Quorum:
+		return printQuorum(w, m)
+	case *coffrev1.ExportBackupResponse:
+		return writeBackup(w, m)
+	case *coffrev1.RootRotation:
+		fmt.Fprintf(w, "root       %s\nkeyrings   %d\nrewrapped  %d KEK versions\n", m.GetRootId(), m.GetKeyrings(), m.GetVersionsRewrapped())
+	case *coffrev1.DestroyRootResponse:
+		fmt.Fprintf(w, "destroyed root %s\n", m.GetRootId())
 	default:
 		return fmt.Errorf("cannot print %T", m)
 	}
@@ -144,9 +154,25 @@ func printKeyring(w io.Writer, k *coffrev1.Keyring) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VERSION\tSTATE\tCREATED\tROOT")
 	for _, v := range k.GetVersions() {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", v.GetVersion(), stateName(v.GetState()), stamp(v.GetCreateTime().AsTime()), v.GetRootId())
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s", v.GetVersion(), stateName(v.GetState()), stamp(v.GetCreateTime().AsTime()), v.GetRootId())
+		switch v.GetState() {
+		case coffrev1.KeyState_KEY_STATE_DESTROY_SCHEDULED:
+			fmt.Fprintf(tw, "\tdestroyed at %s", stamp(v.GetDestroyTime().AsTime()))
+		case coffrev1.KeyState_KEY_STATE_DESTROYED:
+			fmt.Fprintf(tw, "\tdestroyed %s", stamp(v.GetDestroyTime().AsTime()))
+		}
+		fmt.Fprintln(tw)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if p := k.GetRotationPeriodSeconds(); p > 0 {
+		fmt.Fprintf(w, "\nrotation every %s, next at %s\n", time.Duration(min(p, 1<<32))*time.Second, stamp(k.GetNextRotationTime().AsTime())) // #nosec G115 -- bounded
+	}
+	if m := k.GetMinDecryptionVersion(); m > 1 {
+		fmt.Fprintf(w, "min-decryption-version %d\n", m)
+	}
+	return nil
 }
 
 func printNode(w io.Writer, n *coffrev1.Node) {
@@ -183,6 +209,12 @@ func stateName(s coffrev1.KeyState) string {
 		return "active"
 	case coffrev1.KeyState_KEY_STATE_DEACTIVATED:
 		return "deactivated"
+	case coffrev1.KeyState_KEY_STATE_DISABLED:
+		return "disabled"
+	case coffrev1.KeyState_KEY_STATE_DESTROY_SCHEDULED:
+		return "destroy-scheduled"
+	case coffrev1.KeyState_KEY_STATE_DESTROYED:
+		return "destroyed"
 	}
 	return s.String()
 }

@@ -45,9 +45,7 @@ func enrollmentCommands() []*command {
 				if err != nil {
 					return err
 				}
-				return adminCall(ctx, e, func(ctx context.Context, c coffrev1.AdminServiceClient) (proto.Message, error) {
-					return c.AddEKRoot(ctx, &coffrev1.AddEKRootRequest{Certificate: cert})
-				})
+				return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_AddEkRoot{AddEkRoot: &coffrev1.AddEKRootRequest{Certificate: cert}}}, &coffrev1.EKRoot{})
 			},
 		},
 		{
@@ -90,18 +88,14 @@ func enrollmentCommands() []*command {
 					}
 					req.Ek = &coffrev1.EnrollNodeRequest_EkPublic{EkPublic: b}
 				}
-				return adminCall(ctx, e, func(ctx context.Context, c coffrev1.AdminServiceClient) (proto.Message, error) {
-					return c.EnrollNode(ctx, req)
-				})
+				return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_EnrollNode{EnrollNode: req}}, &coffrev1.Node{})
 			},
 		},
 		{
 			path: "node revoke", args: "NAME", nargs: 1,
 			summary: "Revoke a node: its sessions end at once and its EK is refused from now on.",
 			run: func(ctx context.Context, e *env, args []string) error {
-				return adminCall(ctx, e, func(ctx context.Context, c coffrev1.AdminServiceClient) (proto.Message, error) {
-					return c.RevokeNode(ctx, &coffrev1.RevokeNodeRequest{Name: args[0]})
-				})
+				return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_RevokeNode{RevokeNode: &coffrev1.RevokeNodeRequest{Name: args[0]}}}, &coffrev1.Node{})
 			},
 		},
 		{
@@ -133,9 +127,7 @@ func enrollmentCommands() []*command {
 				for _, i := range idx {
 					nc.Pcrs = append(nc.Pcrs, &coffrev1.PCRReference{Index: uint32(i), Sha256: pcrs[uint32(i)]}) // #nosec G115 -- 0..23
 				}
-				return adminCall(ctx, e, func(ctx context.Context, c coffrev1.AdminServiceClient) (proto.Message, error) {
-					return c.SetNodeClass(ctx, &coffrev1.SetNodeClassRequest{Class: nc})
-				})
+				return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_SetNodeClass{SetNodeClass: &coffrev1.SetNodeClassRequest{Class: nc}}}, &coffrev1.NodeClass{})
 			},
 		},
 		{
@@ -160,9 +152,7 @@ func enrollmentCommands() []*command {
 					return fmt.Errorf("%w: at least one --allow-class is required", errUsage)
 				}
 				p := &coffrev1.KeyringPolicy{Keyring: args[0], AllowedClasses: allowClasses, RequiredLabels: requireLabels, Release: r}
-				return adminCall(ctx, e, func(ctx context.Context, c coffrev1.AdminServiceClient) (proto.Message, error) {
-					return c.SetKeyringPolicy(ctx, &coffrev1.SetKeyringPolicyRequest{Policy: p})
-				})
+				return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_SetKeyringPolicy{SetKeyringPolicy: &coffrev1.SetKeyringPolicyRequest{Policy: p}}}, &coffrev1.KeyringPolicy{})
 			},
 		},
 	}

@@ -32,6 +32,12 @@ func TestScripts(t *testing.T) {
 	hs := hsmtest.NewSoftHSM(t)
 	pin := hs.NewToken(t, "ceremony")
 	root2 := hs.RootURI("ceremony", "root", pin)
+	// Two more for the recoverable ceremony: A receives the root at init,
+	// B (empty) is where it is restored.
+	pinA := hs.NewToken(t, "recover-a")
+	pinB := hs.NewToken(t, "recover-b")
+	recoverA := hs.RootURI("recover-a", "root", pinA)
+	recoverB := hs.RootURI("recover-b", "root", pinB)
 
 	testscript.Run(t, testscript.Params{
 		Dir: "testdata",
@@ -53,6 +59,8 @@ func TestScripts(t *testing.T) {
 			}
 			e.Setenv("ADDR", env["COFFRE_ADDR"])
 			e.Setenv("ROOT2", root2)
+			e.Setenv("RECOVER_A", recoverA)
+			e.Setenv("RECOVER_B", recoverB)
 			e.Setenv("CEREMONY_SOFTHSM2_CONF", hs.ConfPath)
 			// Evidence recorded from tpm2-tools, for verify-quote.txtar.
 			tpm2tools, err := filepath.Abs(filepath.Join("..", "..", "testdata", "tpm2-tools"))

@@ -64,6 +64,10 @@ const (
 //	hsm.root_key                 the root key, an RFC 7512 pkcs11: URI with module-path and
 //	                             pin-source=file:/abs/path (a pin-value is refused)
 //	hsm.sessions                 PKCS#11 sessions in the pool, 1..64 (default 4)
+//	hsm.second_root              optional: a root key in a second vendor's HSM (a pkcs11: URI like
+//	                             hsm.root_key); new KEKs are then wrapped by both, and unwrapping needs both
+//	hsm.previous_roots           optional: pkcs11: URIs of earlier root keys, which only unwrap KEK versions
+//	                             not yet moved to the current root by a root rotation
 //	store.engine                 "bbolt" (one node, one file) or "etcd" (several Coffre nodes)
 //	store.path                   bbolt: the file; its directory must exist
 //	store.endpoints              etcd: the members' client URLs
@@ -179,6 +183,13 @@ type HSMConfig struct {
 	// RootKey is the pkcs11: URI of the root key, as written.
 	RootKey  string
 	Sessions int
+	// SecondRoot, when set, is the pkcs11: URI of a root key in a second
+	// vendor's HSM: the server's root is then hsm.NewDual(RootKey,
+	// SecondRoot), so that neither HSM alone can unwrap a KEK.
+	SecondRoot string
+	// PreviousRoots are the pkcs11: URIs of earlier root keys, opened so
+	// that KEK versions they wrap still unwrap during a root rotation.
+	PreviousRoots []string
 }
 
 // StoreConfig selects the storage engine.
@@ -279,8 +290,10 @@ type rawTLS struct {
 }
 
 type rawHSM struct {
-	RootKey  *string `json:"root_key"`
-	Sessions *int64  `json:"sessions"`
+	RootKey       *string   `json:"root_key"`
+	Sessions      *int64    `json:"sessions"`
+	SecondRoot    *string   `json:"second_root"`
+	PreviousRoots *[]string `json:"previous_roots"`
 }
 
 type rawStore struct {
@@ -813,31 +826,69 @@ func hasEKU(c *x509.Certificate, want x509.ExtKeyUsage) bool {
 func (v *validator) hsm(r *rawHSM) HSMConfig {
 	var c HSMConfig
 	c.RootKey = v.str("hsm.root_key", r.RootKey, "", true)
-	if c.RootKey != "" {
-		u, err := hsm.ParseURI(c.RootKey)
-		switch {
-		case err != nil:
-			v.fail("hsm.root_key", "%v", err)
-		case u.ValidateKey() != nil:
-			v.fail("hsm.root_key", "%v", u.ValidateKey())
-		case u.ModulePath == "":
-			v.fail("hsm.root_key", "the URI must name its PKCS#11 module with module-path=/abs/path/to/module.so")
-		case u.PINSource == "":
-			v.fail("hsm.root_key", "the URI must say where the user PIN is with pin-source=file:/abs/path")
-		default:
-			// Checked here so that a missing PIN file is a configuration
-			// error naming its field, not an HSM login failure later. The
-			// PIN itself is read only by the HSM package.
-			pinFile := strings.TrimPrefix(strings.TrimPrefix(u.PINSource, "file://"), "file:")
-			if fi, err := os.Stat(pinFile); err != nil {
-				v.fail("hsm.root_key", "pin-source file %q: %v", pinFile, statReason(err))
-			} else if !fi.Mode().IsRegular() {
-				v.fail("hsm.root_key", "pin-source %q is not a regular file", pinFile)
+	rootID := v.keyURI("hsm.root_key", c.RootKey)
+	c.Sessions = int(v.intRange("hsm.sessions", r.Sessions, 4, 1, 64))
+	c.SecondRoot = v.str("hsm.second_root", r.SecondRoot, "", false)
+	secondID := v.keyURI("hsm.second_root", c.SecondRoot)
+	if secondID != "" && secondID == rootID {
+		v.fail("hsm.second_root", "names the same key as hsm.root_key; a dual root needs a key in a second HSM")
+	}
+	if r.PreviousRoots != nil {
+		seen := map[string]int{}
+		for i, uri := range *r.PreviousRoots {
+			path := fmt.Sprintf("hsm.previous_roots[%d]", i)
+			if uri == "" {
+				v.fail(path, "must not be empty")
+				continue
 			}
+			id := v.keyURI(path, uri)
+			switch j, dup := seen[id]; {
+			case id == "":
+			case dup:
+				v.fail(path, "names the same key as hsm.previous_roots[%d]", j)
+			case c.SecondRoot == "" && id == rootID:
+				// With a second root the current root is the pair, and
+				// its first key alone may well be the previous root.
+				v.fail(path, "names the current root key, hsm.root_key")
+			default:
+				seen[id] = i
+			}
+			c.PreviousRoots = append(c.PreviousRoots, uri)
 		}
 	}
-	c.Sessions = int(v.intRange("hsm.sessions", r.Sessions, 4, 1, 64))
 	return c
+}
+
+// keyURI checks a pkcs11: URI naming a root key and returns the key's ID
+// (the URI without its query), or "" if uri is empty or invalid.
+func (v *validator) keyURI(path, uri string) string {
+	if uri == "" {
+		return ""
+	}
+	u, err := hsm.ParseURI(uri)
+	switch {
+	case err != nil:
+		v.fail(path, "%v", err)
+	case u.ValidateKey() != nil:
+		v.fail(path, "%v", u.ValidateKey())
+	case u.ModulePath == "":
+		v.fail(path, "the URI must name its PKCS#11 module with module-path=/abs/path/to/module.so")
+	case u.PINSource == "":
+		v.fail(path, "the URI must say where the user PIN is with pin-source=file:/abs/path")
+	default:
+		// Checked here so that a missing PIN file is a configuration
+		// error naming its field, not an HSM login failure later. The
+		// PIN itself is read only by the HSM package.
+		pinFile := strings.TrimPrefix(strings.TrimPrefix(u.PINSource, "file://"), "file:")
+		if fi, err := os.Stat(pinFile); err != nil {
+			v.fail(path, "pin-source file %q: %v", pinFile, statReason(err))
+		} else if !fi.Mode().IsRegular() {
+			v.fail(path, "pin-source %q is not a regular file", pinFile)
+		} else {
+			return u.KeyID()
+		}
+	}
+	return ""
 }
 
 func (v *validator) store(r *rawStore) StoreConfig {

@@ -63,6 +63,11 @@ func (f *testFiles) rootKey() string {
 	return "pkcs11:token=t;object=root?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:" + f.pin
 }
 
+// keyURI is the pkcs11: URI of key object on token, with the test PIN file.
+func (f *testFiles) keyURI(token, object string) string {
+	return "pkcs11:token=" + token + ";object=" + object + "?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:" + f.pin
+}
+
 // valid returns a minimal valid configuration as a JSON-ready map.
 func (f *testFiles) valid() map[string]any {
 	return map[string]any{
@@ -142,6 +147,36 @@ func TestConfigExplicitValues(t *testing.T) {
 	if cfg.Limits.ShutdownGrace != 0 || cfg.Limits.MaxMessageBytes != 4096 ||
 		cfg.Limits.MaxCallTimeout != 90*time.Second || cfg.Keepalive.MaxConnectionAge != 2*time.Hour {
 		t.Fatalf("limits = %+v, keepalive = %+v", cfg.Limits, cfg.Keepalive)
+	}
+}
+
+// TestConfigDualAndPreviousRoots: hsm.second_root and hsm.previous_roots
+// are optional and kept as written.
+func TestConfigDualAndPreviousRoots(t *testing.T) {
+	f := newTestFiles(t)
+	cfg, err := parseConfig(mustJSON(t, f.valid()), f.dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HSM.SecondRoot != "" || cfg.HSM.PreviousRoots != nil {
+		t.Fatalf("defaults: %+v", cfg.HSM)
+	}
+	m := f.valid()
+	second, old := f.keyURI("vendor-b", "root"), f.keyURI("old", "root-2024")
+	set(m, "hsm.second_root", second)
+	// Moving from the single root to the pair: the first key alone is a
+	// previous root, distinct from the dual root it is part of.
+	set(m, "hsm.previous_roots", []string{old, f.rootKey()})
+	cfg, err = parseConfig(mustJSON(t, m), f.dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HSM.SecondRoot != second || len(cfg.HSM.PreviousRoots) != 2 || cfg.HSM.PreviousRoots[0] != old || cfg.HSM.PreviousRoots[1] != f.rootKey() {
+		t.Fatalf("hsm = %+v", cfg.HSM)
+	}
+	set(m, "hsm.previous_roots", []string{})
+	if cfg, err = parseConfig(mustJSON(t, m), f.dir, time.Now()); err != nil || len(cfg.HSM.PreviousRoots) != 0 {
+		t.Fatalf("empty previous_roots: %+v, %v", cfg, err)
 	}
 }
 
@@ -236,6 +271,15 @@ func TestConfigErrors(t *testing.T) {
 		{"root key without PIN source", with("hsm.root_key", "pkcs11:token=t;object=root?module-path=/m.so"), []string{"config: hsm.root_key:", "pin-source"}},
 		{"root key PIN file missing", with("hsm.root_key", "pkcs11:token=t;object=root?module-path=/m.so&pin-source=file:/nonexistent/pin"), []string{"config: hsm.root_key: pin-source file \"/nonexistent/pin\""}},
 		{"sessions zero", with("hsm.sessions", 0), []string{"config: hsm.sessions: must be between 1 and 64"}},
+		{"second root empty", with("hsm.second_root", ""), []string{"config: hsm.second_root: must not be empty"}},
+		{"second root not a URI", with("hsm.second_root", "file:/etc/key"), []string{"config: hsm.second_root:", "not a pkcs11 URI"}},
+		{"second root without PIN source", with("hsm.second_root", "pkcs11:token=u;object=root?module-path=/m.so"), []string{"config: hsm.second_root:", "pin-source"}},
+		{"second root is the root key", with("hsm.second_root", "pkcs11:token=t;object=root?module-path=/other.so&pin-source=file:"+f.pin), []string{"config: hsm.second_root: names the same key as hsm.root_key"}},
+		{"previous roots not a list", with("hsm.previous_roots", f.rootKey()), []string{"config: hsm.previous_roots:"}},
+		{"previous root empty", with("hsm.previous_roots", []string{""}), []string{"config: hsm.previous_roots[0]: must not be empty"}},
+		{"previous root with PIN value", with("hsm.previous_roots", []string{"pkcs11:token=t;object=old?module-path=/m.so&pin-value=1"}), []string{"config: hsm.previous_roots[0]:", "pin-value"}},
+		{"previous root is the root key", with("hsm.previous_roots", []string{f.rootKey()}), []string{"config: hsm.previous_roots[0]: names the current root key"}},
+		{"previous root twice", with("hsm.previous_roots", []string{f.keyURI("t", "old"), f.keyURI("t", "new"), f.keyURI("t", "old")}), []string{"config: hsm.previous_roots[2]: names the same key as hsm.previous_roots[0]"}},
 		{"store engine missing", without("store", "engine"), []string{"config: store.engine: is required"}},
 		{"store engine etcd without endpoints", with("store.engine", "etcd"), []string{"config: store.endpoints: required"}},
 		{"store etcd bad prefix", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"http://127.0.0.1:2379"}, "prefix": "coffre"}), []string{"config: store.prefix:"}},
@@ -337,6 +381,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte(`{}`))
 	f.Add([]byte(`{"listen": "127.0.0.1:1", "tls": {"cert_file": "x"}, "limits": {"max_call_timeout": "1h"}}`))
 	f.Add([]byte(`{"hsm": {"root_key": "pkcs11:token=a;object=b?pin-value=1"}}`))
+	f.Add([]byte(`{"hsm": {"second_root": "pkcs11:token=b;object=c", "previous_roots": ["", "pkcs11:object=d", 3]}}`))
 	f.Add([]byte(`{"a": [[[[{}]]]], "listen": null}`))
 	dir := f.TempDir()
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -21,7 +21,6 @@ import (
 
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
-	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
 )
 
@@ -68,6 +67,8 @@ type devEnv struct {
 	pinFile, soPINFile, storePath string
 	envFile                       string
 	auditSigner                   string
+	// The dev admin's quorum signing key, its passphrase and public key.
+	adminSignKey, adminSignPass, adminSignPub string
 }
 
 func newDevEnv(dir, shown string) *devEnv {
@@ -88,6 +89,10 @@ func newDevEnv(dir, shown string) *devEnv {
 		storePath:   j("coffre.db"),
 		envFile:     j("env"),
 		auditSigner: j("audit-signer.key"),
+
+		adminSignKey:  j("admin-sign.key"),
+		adminSignPass: j("admin-sign.pass"),
+		adminSignPub:  j("admin-sign.pub"),
 	}
 }
 
@@ -146,9 +151,16 @@ flags:
 		cfg.Listen = o.listen
 	}
 	log = newLogger(stderr, cfg.Log.Level)
-	var setup func(context.Context, *kms.Service, *kms.ReleaseService) error
+	quorumSetup := devQuorumSetup(env, stdout)
+	setup := quorumSetup
 	if o.nodeTPM != "" {
-		setup = devNodeSetup(filepath.Join(env.dir, "node"), stdout)
+		nodeSetup := devNodeSetup(filepath.Join(env.dir, "node"), stdout)
+		setup = func(ctx context.Context, sv *services) error {
+			if err := quorumSetup(ctx, sv); err != nil {
+				return err
+			}
+			return nodeSetup(ctx, sv)
+		}
 	}
 	err = serve(ctx, cfg, log, setup, func(addr string) error {
 		if err := env.writeShellEnv(addr, o.nodeTPM); err != nil {
@@ -255,6 +267,9 @@ func prepareDev(ctx context.Context, o devOptions, stdout io.Writer, log *slog.L
 	}
 
 	if err := ensureAuditSigner(e.auditSigner, say); err != nil {
+		return nil, nil, err
+	}
+	if err := e.ensureAdminKey(say); err != nil {
 		return nil, nil, err
 	}
 	if fileExists(e.configPath) && !hasSection(e.configPath, "audit") {
@@ -393,6 +408,8 @@ func (e *devEnv) writeShellEnv(addr, nodeTPM string) error {
 		shellQuote(addr), shellQuote(e.caFile), shellQuote(e.adminCert), shellQuote(e.adminKey), shellQuote(e.softhsmConf))
 	fmt.Fprintf(&b, "export COFFRE_AUDIT_DIR=%s COFFRE_AUDIT_VERIFIER=%s\n",
 		shellQuote(filepath.Join(e.dir, "audit")), shellQuote(filepath.Join(e.dir, "audit-verifier.pub")))
+	fmt.Fprintf(&b, "export COFFRE_ADMIN_KEY=%s COFFRE_ADMIN_PASSPHRASE_FILE=%s\n",
+		shellQuote(e.adminSignKey), shellQuote(e.adminSignPass))
 	if nodeTPM != "" {
 		fmt.Fprintf(&b, "export COFFRE_TPM=%s\n", shellQuote(nodeTPM))
 	}

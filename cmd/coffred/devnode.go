@@ -31,8 +31,9 @@ var devNodeLabels = map[string]string{"site": "dev", "jurisdiction": "dev"}
 // missing, the class "dev" with the simulator's PCR values, the node
 // "dev-node" pinned by its EK public key, and the keyring "dev/demo" with a
 // policy admitting that class.
-func devNodeSetup(identityDir string, stdout io.Writer) func(context.Context, *kms.Service, *kms.ReleaseService) error {
-	return func(ctx context.Context, svc *kms.Service, rel *kms.ReleaseService) error {
+func devNodeSetup(identityDir string, stdout io.Writer) func(context.Context, *services) error {
+	return func(ctx context.Context, sv *services) error {
+		svc, rel := sv.svc, sv.rel
 		ekPub, err := readLimited(filepath.Join(identityDir, "ek.pub"), 4096)
 		if err != nil {
 			return fmt.Errorf("dev node: %w (run: coffre-agent --tpm SPEC identity --out %s)", err, identityDir)

@@ -18,6 +18,8 @@ import (
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/quorum"
+	"github.com/coffre-kms/coffre/kms/seal"
 	"github.com/coffre-kms/coffre/kms/server"
 	"github.com/coffre-kms/coffre/kms/store"
 )
@@ -26,9 +28,16 @@ import (
 // serves until ctx ends, then shuts down gracefully. listened is called once
 // the listener is bound, with its address (port 0 resolved), before any
 // call is served.
+// services are what serve builds, handed to its setup step.
+type services struct {
+	svc    *kms.Service
+	rel    *kms.ReleaseService
+	quorum *quorum.Engine
+}
+
 // setup, when not nil, runs once the services exist and before anything is
 // served (the dev environment enrolls its simulated node there).
-func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(context.Context, *kms.Service, *kms.ReleaseService) error, listened func(addr string) error) (err error) {
+func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(context.Context, *services) error, listened func(addr string) error) (err error) {
 	// Resources are released in the reverse order of acquisition, the kms
 	// service first so that its KEK cache is zeroized before the root that
 	// unwrapped those KEKs goes away.
@@ -51,16 +60,13 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 	}
 	closers = append(closers, st.Close)
 
-	root, err := pkcs11.Open(ctx, pkcs11.Config{URI: cfg.HSM.RootKey, Sessions: cfg.HSM.Sessions})
-	if errors.Is(err, hsm.ErrKeyNotFound) {
-		return fmt.Errorf("hsm: no root key at %s: run the root-key ceremony first: %w", redactedKeyID(cfg.HSM.RootKey), err)
-	}
+	root, previousRoots, rootClosers, err := openRoots(ctx, cfg.HSM)
+	closers = append(closers, rootClosers...)
 	if err != nil {
-		return fmt.Errorf("hsm: %w", err)
+		return err
 	}
-	closers = append(closers, root.Close)
 
-	svc, err := kms.New(kms.Config{Store: st, Root: root, CacheSize: cfg.KEKCache.Size, CacheTTL: cfg.KEKCache.TTL})
+	svc, err := kms.New(kms.Config{Store: st, Root: root, PreviousRoots: previousRoots, CacheSize: cfg.KEKCache.Size, CacheTTL: cfg.KEKCache.TTL})
 	if err != nil {
 		return err
 	}
@@ -125,8 +131,14 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		return err
 	}
 	closers = append(closers, rel.Close)
+	// Sensitive operations run only through M-of-N proposals; every step
+	// of one is audited before it takes effect.
+	q, err := quorum.New(quorum.Config{Store: st, Audit: server.QuorumAudit(auditLog)})
+	if err != nil {
+		return err
+	}
 	if setup != nil {
-		if err := setup(ctx, svc, rel); err != nil {
+		if err := setup(ctx, &services{svc: svc, rel: rel, quorum: q}); err != nil {
 			return err
 		}
 	}
@@ -138,6 +150,20 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		AuditorCAs:     cfg.TLS.AuditorCAs,
 		Audit:          auditLog,
 		Release:        rel,
+		Quorum:         q,
+		DestroyRoot: func(ctx context.Context, id string) error {
+			// Only a previous root can go: the current one wraps every
+			// new KEK version.
+			for i, uri := range cfg.HSM.PreviousRoots {
+				if previousRoots[i].ID() == id {
+					return pkcs11.DestroyRoot(ctx, pkcs11.Config{URI: uri, Sessions: 1})
+				}
+			}
+			return fmt.Errorf("%w: %s is not one of this server's hsm.previous_roots", kms.ErrFailedPrecondition, id)
+		},
+		ExportBackup: func(ctx context.Context, to *seal.PublicKey) ([]byte, error) {
+			return kms.ExportBackup(ctx, st, kms.ExportOptions{To: to, Signer: signer, Origin: cfg.Audit.Origin})
+		},
 	})
 	g := grpc.NewServer(append(srv.ServerOptions(), grpcOptions(cfg)...)...)
 	srv.Register(g)
@@ -152,6 +178,15 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		return err
 	}
 	log.Info("serving", "addr", addr, "root", root.ID(), "store", cfg.Store.Path)
+
+	// Scheduled rotations and destructions, each audited before it happens.
+	lctx, stopLifecycle := context.WithCancel(ctx)
+	lifecycleDone := make(chan struct{})
+	go func() {
+		defer close(lifecycleDone)
+		svc.RunLifecycle(lctx, auditLog, kms.DefaultLifecycleInterval, log)
+	}()
+	defer func() { stopLifecycle(); <-lifecycleDone }()
 
 	served := make(chan error, 1)
 	go func() { served <- g.Serve(lis) }()
@@ -214,6 +249,48 @@ func grpcOptions(cfg *Config) []grpc.ServerOption {
 			Timeout:           cfg.Keepalive.PingTimeout,
 		}),
 	}
+}
+
+// openRoots opens the root keys cfg names: the current root (a dual root,
+// hsm.NewDual, when hsm.second_root is set) and the previous roots, which
+// only unwrap during a root rotation. It returns the Close of every key it
+// opened, also when it fails part-way, for the caller to run.
+func openRoots(ctx context.Context, cfg HSMConfig) (root hsm.Root, previous []hsm.Root, closers []func() error, err error) {
+	open := func(field, uri string) (*pkcs11.Root, error) {
+		r, err := pkcs11.Open(ctx, pkcs11.Config{URI: uri, Sessions: cfg.Sessions})
+		if errors.Is(err, hsm.ErrKeyNotFound) && field == "hsm.root_key" {
+			return nil, fmt.Errorf("hsm: no root key at %s: run the root-key ceremony first: %w", redactedKeyID(uri), err)
+		}
+		if errors.Is(err, hsm.ErrKeyNotFound) {
+			return nil, fmt.Errorf("hsm: %s: no root key at %s: %w", field, redactedKeyID(uri), err)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("hsm: %s: %w", field, err)
+		}
+		closers = append(closers, r.Close)
+		return r, nil
+	}
+	first, err := open("hsm.root_key", cfg.RootKey)
+	if err != nil {
+		return nil, nil, closers, err
+	}
+	root = first
+	if cfg.SecondRoot != "" {
+		second, err := open("hsm.second_root", cfg.SecondRoot)
+		if err != nil {
+			return nil, nil, closers, err
+		}
+		// Not closed through the dual root: each key is in closers once.
+		root = hsm.NewDual(first, second)
+	}
+	for i, uri := range cfg.PreviousRoots {
+		r, err := open(fmt.Sprintf("hsm.previous_roots[%d]", i), uri)
+		if err != nil {
+			return nil, nil, closers, err
+		}
+		previous = append(previous, r)
+	}
+	return root, previous, closers, nil
 }
 
 // redactedKeyID names a root key in a message without its query, which

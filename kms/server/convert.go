@@ -24,13 +24,18 @@ func KeyringToProto(k *kms.Keyring) *coffrev1.Keyring {
 		CreateTime:     timeToProto(k.CreateTime),
 		PrimaryVersion: k.Primary,
 		Versions:       make([]*coffrev1.KeyVersion, 0, len(k.Versions)),
+
+		RotationPeriodSeconds: uint64(max(k.RotationPeriod/time.Second, 0)), // #nosec G115 -- non-negative
+		NextRotationTime:      timeToProto(k.NextRotationTime),
+		MinDecryptionVersion:  k.MinDecryptionVersion,
 	}
 	for _, v := range k.Versions {
 		p.Versions = append(p.Versions, &coffrev1.KeyVersion{
-			Version:    v.Version,
-			State:      keyStateToProto(v.State),
-			CreateTime: timeToProto(v.CreateTime),
-			RootId:     v.RootID,
+			Version:     v.Version,
+			State:       keyStateToProto(v.State),
+			CreateTime:  timeToProto(v.CreateTime),
+			RootId:      v.RootID,
+			DestroyTime: timeToProto(v.DestroyTime),
 		})
 	}
 	return p
@@ -55,6 +60,10 @@ func KeyringFromProto(p *coffrev1.Keyring) (*kms.Keyring, error) {
 		CreateTime: timeFromProto(p.GetCreateTime()),
 		Primary:    p.GetPrimaryVersion(),
 		Versions:   make([]kms.KeyVersion, 0, len(p.GetVersions())),
+
+		RotationPeriod:       time.Duration(min(p.GetRotationPeriodSeconds(), uint64(1<<62)/uint64(time.Second))) * time.Second, // #nosec G115 -- bounded above
+		NextRotationTime:     timeFromProto(p.GetNextRotationTime()),
+		MinDecryptionVersion: p.GetMinDecryptionVersion(),
 	}
 	for _, v := range p.GetVersions() {
 		st, err := keyStateFromProto(v.GetState())
@@ -64,8 +73,9 @@ func KeyringFromProto(p *coffrev1.Keyring) (*kms.Keyring, error) {
 		k.Versions = append(k.Versions, kms.KeyVersion{
 			Version:    v.GetVersion(),
 			State:      st,
-			CreateTime: timeFromProto(v.GetCreateTime()),
-			RootID:     v.GetRootId(),
+			CreateTime:  timeFromProto(v.GetCreateTime()),
+			RootID:      v.GetRootId(),
+			DestroyTime: timeFromProto(v.GetDestroyTime()),
 		})
 	}
 	return k, nil
@@ -77,6 +87,12 @@ func keyStateToProto(s kms.KeyState) coffrev1.KeyState {
 		return coffrev1.KeyState_KEY_STATE_ACTIVE
 	case kms.StateDeactivated:
 		return coffrev1.KeyState_KEY_STATE_DEACTIVATED
+	case kms.StateDisabled:
+		return coffrev1.KeyState_KEY_STATE_DISABLED
+	case kms.StateDestroyScheduled:
+		return coffrev1.KeyState_KEY_STATE_DESTROY_SCHEDULED
+	case kms.StateDestroyed:
+		return coffrev1.KeyState_KEY_STATE_DESTROYED
 	default:
 		return coffrev1.KeyState_KEY_STATE_UNSPECIFIED
 	}
@@ -88,6 +104,12 @@ func keyStateFromProto(s coffrev1.KeyState) (kms.KeyState, error) {
 		return kms.StateActive, nil
 	case coffrev1.KeyState_KEY_STATE_DEACTIVATED:
 		return kms.StateDeactivated, nil
+	case coffrev1.KeyState_KEY_STATE_DISABLED:
+		return kms.StateDisabled, nil
+	case coffrev1.KeyState_KEY_STATE_DESTROY_SCHEDULED:
+		return kms.StateDestroyScheduled, nil
+	case coffrev1.KeyState_KEY_STATE_DESTROYED:
+		return kms.StateDestroyed, nil
 	case coffrev1.KeyState_KEY_STATE_UNSPECIFIED:
 		return kms.StateUnspecified, nil
 	default:

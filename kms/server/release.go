@@ -28,34 +28,6 @@ func (s *Server) release() (*kms.ReleaseService, error) {
 
 // ---- AdminService: release state ----
 
-func (a *adminService) SetKeyringPolicy(ctx context.Context, req *coffrev1.SetKeyringPolicyRequest) (*coffrev1.KeyringPolicy, error) {
-	rel, err := a.s.release()
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	p, err := KeyringPolicyFromProto(req.GetPolicy())
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	p, err = rel.SetKeyringPolicy(ctx, p)
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	return KeyringPolicyToProto(p), nil
-}
-
-func (a *adminService) AddEKRoot(ctx context.Context, req *coffrev1.AddEKRootRequest) (*coffrev1.EKRoot, error) {
-	rel, err := a.s.release()
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	root, err := rel.AddEKRoot(ctx, req.GetCertificate())
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	return EKRootToProto(root), nil
-}
-
 func (a *adminService) ListEKRoots(ctx context.Context, _ *coffrev1.ListEKRootsRequest) (*coffrev1.ListEKRootsResponse, error) {
 	rel, err := a.s.release()
 	if err != nil {
@@ -70,52 +42,6 @@ func (a *adminService) ListEKRoots(ctx context.Context, _ *coffrev1.ListEKRootsR
 		resp.Roots = append(resp.Roots, EKRootToProto(r))
 	}
 	return resp, nil
-}
-
-func (a *adminService) SetNodeClass(ctx context.Context, req *coffrev1.SetNodeClassRequest) (*coffrev1.NodeClass, error) {
-	rel, err := a.s.release()
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	c, err := NodeClassFromProto(req.GetClass())
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	c, err = rel.SetNodeClass(ctx, c)
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	return NodeClassToProto(c), nil
-}
-
-func (a *adminService) EnrollNode(ctx context.Context, req *coffrev1.EnrollNodeRequest) (*coffrev1.Node, error) {
-	rel, err := a.s.release()
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	n, err := rel.EnrollNode(ctx, &kms.Enrollment{
-		Name:          req.GetName(),
-		Class:         req.GetClass(),
-		Labels:        req.GetLabels(),
-		EKCertificate: req.GetEkCertificate(),
-		EKPublic:      req.GetEkPublic(),
-	})
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	return NodeToProto(n), nil
-}
-
-func (a *adminService) RevokeNode(ctx context.Context, req *coffrev1.RevokeNodeRequest) (*coffrev1.Node, error) {
-	rel, err := a.s.release()
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	n, err := rel.RevokeNode(ctx, req.GetName())
-	if err != nil {
-		return nil, a.s.fail(ctx, err)
-	}
-	return NodeToProto(n), nil
 }
 
 func (a *adminService) ListNodes(ctx context.Context, _ *coffrev1.ListNodesRequest) (*coffrev1.ListNodesResponse, error) {

@@ -23,6 +23,7 @@ import (
 	"github.com/coffre-kms/coffre/attest/agent"
 	"github.com/coffre-kms/coffre/attest/attesttest"
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/server/admintest"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -95,9 +96,9 @@ func (n *simNode) extend(t *testing.T) {
 
 // setup enrolls the node as name in class with labels (through
 // AdminService) and returns the admin client.
-func (f *fixture) setup(t *testing.T, n *simNode, name, class string, labels map[string]string) coffrev1.AdminServiceClient {
+func (f *fixture) setup(t *testing.T, n *simNode, name, class string, labels map[string]string) *admintest.Gated {
 	t.Helper()
-	admin := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
+	admin := f.gated(t)
 	ctx := callCtx(t)
 	if _, err := admin.SetNodeClass(ctx, &coffrev1.SetNodeClassRequest{Class: n.classProto(class)}); err != nil {
 		t.Fatal(err)
@@ -115,7 +116,7 @@ func (f *fixture) setup(t *testing.T, n *simNode, name, class string, labels map
 	return admin
 }
 
-func keyringWithPolicy(t *testing.T, admin coffrev1.AdminServiceClient, id string, classes []string, labels map[string]string, release coffrev1.Release) {
+func keyringWithPolicy(t *testing.T, admin *admintest.Gated, id string, classes []string, labels map[string]string, release coffrev1.Release) {
 	t.Helper()
 	ctx := callCtx(t)
 	if _, err := admin.CreateKeyring(ctx, &coffrev1.CreateKeyringRequest{Id: id}); err != nil {
@@ -493,7 +494,7 @@ func TestSessionExpiry(t *testing.T) {
 
 func TestEKRootsAndCertificateEnrollment(t *testing.T) {
 	f := newFixture(t)
-	admin := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
+	admin := f.gated(t)
 	ctx := callCtx(t)
 	ca := attesttest.NewEKCA(t)
 	root, err := admin.AddEKRoot(ctx, &coffrev1.AddEKRootRequest{Certificate: ca.CertPEM()})
@@ -545,7 +546,7 @@ func TestEKRootsAndCertificateEnrollment(t *testing.T) {
 		func() error { _, err := anon.ListNodes(ctx, &coffrev1.ListNodesRequest{}); return err },
 		func() error { _, err := anon.ListEKRoots(ctx, &coffrev1.ListEKRootsRequest{}); return err },
 		func() error {
-			_, err := anon.RevokeNode(ctx, &coffrev1.RevokeNodeRequest{Name: "n1"})
+			_, err := anon.Propose(ctx, &coffrev1.ProposeRequest{Operation: &coffrev1.Operation{Op: &coffrev1.Operation_RevokeNode{RevokeNode: &coffrev1.RevokeNodeRequest{Name: "n1"}}}})
 			return err
 		},
 	} {

@@ -61,6 +61,8 @@ import (
 
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/quorum"
+	"github.com/coffre-kms/coffre/kms/seal"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -95,12 +97,25 @@ type Options struct {
 	// methods of AdminService. The caller keeps ownership and closes it
 	// after the grpc.Server has stopped. Nil refuses those calls.
 	Release *kms.ReleaseService
+	// Quorum runs the quorum-gated operations (node enrollment and
+	// revocation, classes, EK roots, keyring policies, the quorum itself):
+	// New registers them with it. Nil refuses those operations.
+	Quorum *quorum.Engine
+	// DestroyRoot destroys the HSM object of a previous root, named by its
+	// ID (quorum-gated, and only once no KEK version uses it). Nil refuses.
+	DestroyRoot func(ctx context.Context, rootID string) error
+	// ExportBackup writes a signed backup of the store sealed to a DR
+	// site's transfer key (quorum-gated). Nil refuses.
+	ExportBackup func(ctx context.Context, to *seal.PublicKey) ([]byte, error)
 }
 
 // Server holds the gRPC face of one kms.Service. Create it with [New].
 type Server struct {
 	svc            *kms.Service
 	rel            *kms.ReleaseService
+	q              *quorum.Engine
+	destroyRoot    func(ctx context.Context, rootID string) error
+	exportBackup   func(ctx context.Context, to *seal.PublicKey) ([]byte, error)
 	log            *slog.Logger
 	maxCallTimeout time.Duration
 	adminCAs       *x509.CertPool
@@ -118,6 +133,9 @@ func New(svc *kms.Service, opts Options) *Server {
 	s := &Server{
 		svc:            svc,
 		rel:            opts.Release,
+		q:              opts.Quorum,
+		destroyRoot:    opts.DestroyRoot,
+		exportBackup:   opts.ExportBackup,
 		log:            opts.Logger,
 		maxCallTimeout: opts.MaxCallTimeout,
 		adminCAs:       opts.AdminCAs,
@@ -132,6 +150,10 @@ func New(svc *kms.Service, opts Options) *Server {
 	}
 	if s.maxCallTimeout <= 0 {
 		s.maxCallTimeout = DefaultMaxCallTimeout
+	}
+	if s.q != nil {
+		s.registerOperations(s.q)
+		s.registerLifecycle(s.q)
 	}
 	return s
 }

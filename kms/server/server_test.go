@@ -22,6 +22,8 @@ import (
 
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/quorum"
+	"github.com/coffre-kms/coffre/kms/server/admintest"
 	"github.com/coffre-kms/coffre/kms/store"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
@@ -63,6 +65,9 @@ type fixture struct {
 	serverCA *testCA
 	admin    tls.Certificate
 	log      *syncBuffer
+	events *eventLog
+	// gatedAdmin is the 1-of-1 quorum's admin, once installed.
+	gatedAdmin *admintest.Gated
 }
 
 // newFixture serves a Server over a fresh SoftHSM root and bbolt store on
@@ -106,11 +111,17 @@ func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig) *fixture {
 	f.admin = f.adminCA.issue(t, "test-admin", []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth})
 	serverCert := f.serverCA.issue(t, "coffred", []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, net.IPv4(127, 0, 0, 1))
 
+	f.events = &eventLog{}
+	q, err := quorum.New(quorum.Config{Store: st, Audit: f.events.record})
+	if err != nil {
+		t.Fatal(err)
+	}
 	f.srv = New(svc, Options{
 		MaxCallTimeout: 5 * time.Second,
 		Logger:         slog.New(slog.NewTextHandler(f.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		AdminCAs:       f.adminCA.pool,
 		Release:        rel,
+		Quorum:         q,
 	})
 	creds := credentials.NewTLS(&tls.Config{
 		MinVersion:   tls.VersionTLS13,
@@ -128,6 +139,22 @@ func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig) *fixture {
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)
 	return f
+}
+
+// gated returns an admin client whose quorum-gated calls are proposed and
+// approved by the fixture's one test admin (a 1-of-1 quorum installed on
+// first use).
+func (f *fixture) gated(t *testing.T) *admintest.Gated {
+	t.Helper()
+	c := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
+	if f.gatedAdmin == nil {
+		g, err := admintest.New(callCtx(t), c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.gatedAdmin = g
+	}
+	return f.gatedAdmin.With(c)
 }
 
 // dial connects with the given client certificate, if any. The

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/quorum"
 )
 
 // Messages of the statuses whose cause must not reach the caller. The
@@ -40,6 +41,20 @@ func toStatus(err error) *status.Status {
 		return status.New(codes.DeadlineExceeded, "the call's deadline passed")
 	case errors.Is(err, context.Canceled):
 		return status.New(codes.Canceled, "the call was canceled")
+	case errors.Is(err, quorum.ErrNoQuorum), errors.Is(err, quorum.ErrNotPending), errors.Is(err, quorum.ErrDuplicate):
+		return status.New(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, quorum.ErrNotAdmin), errors.Is(err, quorum.ErrBadApproval):
+		return status.New(codes.PermissionDenied, err.Error())
+	case errors.Is(err, quorum.ErrInvalid):
+		return status.New(codes.InvalidArgument, err.Error())
+	case errors.Is(err, quorum.ErrNotFound):
+		return status.New(codes.NotFound, err.Error())
+	case errors.Is(err, quorum.ErrExists):
+		return status.New(codes.AlreadyExists, err.Error())
+	case errors.Is(err, quorum.ErrLimit):
+		return status.New(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, quorum.ErrUnavailable):
+		return status.New(codes.Unavailable, msgUnavailable)
 	case errors.Is(err, kms.ErrInvalidArgument):
 		return status.New(codes.InvalidArgument, err.Error())
 	case errors.Is(err, kms.ErrNotFound):

@@ -38,6 +38,12 @@ const (
 	KeyState_KEY_STATE_ACTIVE KeyState = 1
 	// Decrypts only.
 	KeyState_KEY_STATE_DEACTIVATED KeyState = 2
+	// Neither encrypts nor decrypts, reversibly (EnableKeyVersion).
+	KeyState_KEY_STATE_DISABLED KeyState = 3
+	// Neither; destroyed at destroy_time unless cancelled first.
+	KeyState_KEY_STATE_DESTROY_SCHEDULED KeyState = 4
+	// The KEK is erased (crypto-shred): no envelope under it opens again.
+	KeyState_KEY_STATE_DESTROYED KeyState = 5
 )
 
 // Enum value maps for KeyState.
@@ -46,11 +52,17 @@ var (
 		0: "KEY_STATE_UNSPECIFIED",
 		1: "KEY_STATE_ACTIVE",
 		2: "KEY_STATE_DEACTIVATED",
+		3: "KEY_STATE_DISABLED",
+		4: "KEY_STATE_DESTROY_SCHEDULED",
+		5: "KEY_STATE_DESTROYED",
 	}
 	KeyState_value = map[string]int32{
-		"KEY_STATE_UNSPECIFIED": 0,
-		"KEY_STATE_ACTIVE":      1,
-		"KEY_STATE_DEACTIVATED": 2,
+		"KEY_STATE_UNSPECIFIED":       0,
+		"KEY_STATE_ACTIVE":            1,
+		"KEY_STATE_DEACTIVATED":       2,
+		"KEY_STATE_DISABLED":          3,
+		"KEY_STATE_DESTROY_SCHEDULED": 4,
+		"KEY_STATE_DESTROYED":         5,
 	}
 )
 
@@ -185,20 +197,1487 @@ func (NodeState) EnumDescriptor() ([]byte, []int) {
 	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{2}
 }
 
+// Operation is one quorum-gated operation.
+type Operation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Op:
+	//
+	//	*Operation_SetKeyringPolicy
+	//	*Operation_AddEkRoot
+	//	*Operation_SetNodeClass
+	//	*Operation_EnrollNode
+	//	*Operation_RevokeNode
+	//	*Operation_SetQuorum
+	//	*Operation_ScheduleKeyDestruction
+	//	*Operation_RotateRoot
+	//	*Operation_DestroyRoot
+	//	*Operation_ExportBackup
+	Op            isOperation_Op `protobuf_oneof:"op"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Operation) Reset() {
+	*x = Operation{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Operation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Operation) ProtoMessage() {}
+
+func (x *Operation) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Operation.ProtoReflect.Descriptor instead.
+func (*Operation) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Operation) GetOp() isOperation_Op {
+	if x != nil {
+		return x.Op
+	}
+	return nil
+}
+
+func (x *Operation) GetSetKeyringPolicy() *SetKeyringPolicyRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_SetKeyringPolicy); ok {
+			return x.SetKeyringPolicy
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetAddEkRoot() *AddEKRootRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_AddEkRoot); ok {
+			return x.AddEkRoot
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetSetNodeClass() *SetNodeClassRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_SetNodeClass); ok {
+			return x.SetNodeClass
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetEnrollNode() *EnrollNodeRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_EnrollNode); ok {
+			return x.EnrollNode
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetRevokeNode() *RevokeNodeRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_RevokeNode); ok {
+			return x.RevokeNode
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetSetQuorum() *SetQuorumRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_SetQuorum); ok {
+			return x.SetQuorum
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetScheduleKeyDestruction() *ScheduleKeyDestructionRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_ScheduleKeyDestruction); ok {
+			return x.ScheduleKeyDestruction
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetRotateRoot() *RotateRootRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_RotateRoot); ok {
+			return x.RotateRoot
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetDestroyRoot() *DestroyRootRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_DestroyRoot); ok {
+			return x.DestroyRoot
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetExportBackup() *ExportBackupRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Operation_ExportBackup); ok {
+			return x.ExportBackup
+		}
+	}
+	return nil
+}
+
+type isOperation_Op interface {
+	isOperation_Op()
+}
+
+type Operation_SetKeyringPolicy struct {
+	// Sets who may receive the keyring's data keys.
+	SetKeyringPolicy *SetKeyringPolicyRequest `protobuf:"bytes,1,opt,name=set_keyring_policy,json=setKeyringPolicy,proto3,oneof"`
+}
+
+type Operation_AddEkRoot struct {
+	// Adds a TPM manufacturer CA certificate to the EK root pool.
+	AddEkRoot *AddEKRootRequest `protobuf:"bytes,2,opt,name=add_ek_root,json=addEkRoot,proto3,oneof"`
+}
+
+type Operation_SetNodeClass struct {
+	// Creates or replaces a node class (its reference values).
+	SetNodeClass *SetNodeClassRequest `protobuf:"bytes,3,opt,name=set_node_class,json=setNodeClass,proto3,oneof"`
+}
+
+type Operation_EnrollNode struct {
+	// Registers a machine by its EK certificate or pinned EK public key.
+	EnrollNode *EnrollNodeRequest `protobuf:"bytes,4,opt,name=enroll_node,json=enrollNode,proto3,oneof"`
+}
+
+type Operation_RevokeNode struct {
+	// Revokes a node: its sessions end at once, its EK is refused.
+	RevokeNode *RevokeNodeRequest `protobuf:"bytes,5,opt,name=revoke_node,json=revokeNode,proto3,oneof"`
+}
+
+type Operation_SetQuorum struct {
+	// Replaces the admin set and the threshold.
+	SetQuorum *SetQuorumRequest `protobuf:"bytes,6,opt,name=set_quorum,json=setQuorum,proto3,oneof"`
+}
+
+type Operation_ScheduleKeyDestruction struct {
+	// Schedules the destruction of a KEK version, or of every version of
+	// a keyring, in 7 to 30 days.
+	ScheduleKeyDestruction *ScheduleKeyDestructionRequest `protobuf:"bytes,7,opt,name=schedule_key_destruction,json=scheduleKeyDestruction,proto3,oneof"`
+}
+
+type Operation_RotateRoot struct {
+	// Rewraps every KEK version under this server's current HSM root.
+	RotateRoot *RotateRootRequest `protobuf:"bytes,8,opt,name=rotate_root,json=rotateRoot,proto3,oneof"`
+}
+
+type Operation_DestroyRoot struct {
+	// Destroys a previous HSM root object once no KEK version needs it.
+	DestroyRoot *DestroyRootRequest `protobuf:"bytes,9,opt,name=destroy_root,json=destroyRoot,proto3,oneof"`
+}
+
+type Operation_ExportBackup struct {
+	// Exports a signed backup of the store, encrypted to a DR site's key.
+	ExportBackup *ExportBackupRequest `protobuf:"bytes,10,opt,name=export_backup,json=exportBackup,proto3,oneof"`
+}
+
+func (*Operation_SetKeyringPolicy) isOperation_Op() {}
+
+func (*Operation_AddEkRoot) isOperation_Op() {}
+
+func (*Operation_SetNodeClass) isOperation_Op() {}
+
+func (*Operation_EnrollNode) isOperation_Op() {}
+
+func (*Operation_RevokeNode) isOperation_Op() {}
+
+func (*Operation_SetQuorum) isOperation_Op() {}
+
+func (*Operation_ScheduleKeyDestruction) isOperation_Op() {}
+
+func (*Operation_RotateRoot) isOperation_Op() {}
+
+func (*Operation_DestroyRoot) isOperation_Op() {}
+
+func (*Operation_ExportBackup) isOperation_Op() {}
+
+type KeyVersionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "tenant/name".
+	Keyring       string `protobuf:"bytes,1,opt,name=keyring,proto3" json:"keyring,omitempty"`
+	Version       uint32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyVersionRequest) Reset() {
+	*x = KeyVersionRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyVersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyVersionRequest) ProtoMessage() {}
+
+func (x *KeyVersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyVersionRequest.ProtoReflect.Descriptor instead.
+func (*KeyVersionRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *KeyVersionRequest) GetKeyring() string {
+	if x != nil {
+		return x.Keyring
+	}
+	return ""
+}
+
+func (x *KeyVersionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type SetRotationPeriodRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Keyring string                 `protobuf:"bytes,1,opt,name=keyring,proto3" json:"keyring,omitempty"`
+	// 0 stops automatic rotation.
+	PeriodSeconds uint64 `protobuf:"varint,2,opt,name=period_seconds,json=periodSeconds,proto3" json:"period_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetRotationPeriodRequest) Reset() {
+	*x = SetRotationPeriodRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetRotationPeriodRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetRotationPeriodRequest) ProtoMessage() {}
+
+func (x *SetRotationPeriodRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetRotationPeriodRequest.ProtoReflect.Descriptor instead.
+func (*SetRotationPeriodRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SetRotationPeriodRequest) GetKeyring() string {
+	if x != nil {
+		return x.Keyring
+	}
+	return ""
+}
+
+func (x *SetRotationPeriodRequest) GetPeriodSeconds() uint64 {
+	if x != nil {
+		return x.PeriodSeconds
+	}
+	return 0
+}
+
+type RewrapEnvelopeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Envelope      []byte                 `protobuf:"bytes,2,opt,name=envelope,proto3" json:"envelope,omitempty"`
+	Context       map[string]string      `protobuf:"bytes,3,rep,name=context,proto3" json:"context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapEnvelopeRequest) Reset() {
+	*x = RewrapEnvelopeRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapEnvelopeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapEnvelopeRequest) ProtoMessage() {}
+
+func (x *RewrapEnvelopeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapEnvelopeRequest.ProtoReflect.Descriptor instead.
+func (*RewrapEnvelopeRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RewrapEnvelopeRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *RewrapEnvelopeRequest) GetEnvelope() []byte {
+	if x != nil {
+		return x.Envelope
+	}
+	return nil
+}
+
+func (x *RewrapEnvelopeRequest) GetContext() map[string]string {
+	if x != nil {
+		return x.Context
+	}
+	return nil
+}
+
+type RewrapEnvelopeResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Envelope   []byte                 `protobuf:"bytes,1,opt,name=envelope,proto3" json:"envelope,omitempty"`
+	KeyVersion uint32                 `protobuf:"varint,2,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	// False when the envelope was already under the primary version (it is
+	// returned as is).
+	Changed       bool `protobuf:"varint,3,opt,name=changed,proto3" json:"changed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapEnvelopeResponse) Reset() {
+	*x = RewrapEnvelopeResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapEnvelopeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapEnvelopeResponse) ProtoMessage() {}
+
+func (x *RewrapEnvelopeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapEnvelopeResponse.ProtoReflect.Descriptor instead.
+func (*RewrapEnvelopeResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RewrapEnvelopeResponse) GetEnvelope() []byte {
+	if x != nil {
+		return x.Envelope
+	}
+	return nil
+}
+
+func (x *RewrapEnvelopeResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *RewrapEnvelopeResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+type ScheduleKeyDestructionRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Keyring string                 `protobuf:"bytes,1,opt,name=keyring,proto3" json:"keyring,omitempty"`
+	// 0 destroys every version of the keyring.
+	Version uint32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// 7 to 30.
+	Days          uint32 `protobuf:"varint,3,opt,name=days,proto3" json:"days,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleKeyDestructionRequest) Reset() {
+	*x = ScheduleKeyDestructionRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleKeyDestructionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleKeyDestructionRequest) ProtoMessage() {}
+
+func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleKeyDestructionRequest.ProtoReflect.Descriptor instead.
+func (*ScheduleKeyDestructionRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ScheduleKeyDestructionRequest) GetKeyring() string {
+	if x != nil {
+		return x.Keyring
+	}
+	return ""
+}
+
+func (x *ScheduleKeyDestructionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ScheduleKeyDestructionRequest) GetDays() uint32 {
+	if x != nil {
+		return x.Days
+	}
+	return 0
+}
+
+type RotateRootRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateRootRequest) Reset() {
+	*x = RotateRootRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateRootRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateRootRequest) ProtoMessage() {}
+
+func (x *RotateRootRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateRootRequest.ProtoReflect.Descriptor instead.
+func (*RotateRootRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{6}
+}
+
+type RootRotation struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	RootId            string                 `protobuf:"bytes,1,opt,name=root_id,json=rootId,proto3" json:"root_id,omitempty"`
+	Keyrings          uint32                 `protobuf:"varint,2,opt,name=keyrings,proto3" json:"keyrings,omitempty"`
+	VersionsRewrapped uint32                 `protobuf:"varint,3,opt,name=versions_rewrapped,json=versionsRewrapped,proto3" json:"versions_rewrapped,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *RootRotation) Reset() {
+	*x = RootRotation{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RootRotation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RootRotation) ProtoMessage() {}
+
+func (x *RootRotation) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RootRotation.ProtoReflect.Descriptor instead.
+func (*RootRotation) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RootRotation) GetRootId() string {
+	if x != nil {
+		return x.RootId
+	}
+	return ""
+}
+
+func (x *RootRotation) GetKeyrings() uint32 {
+	if x != nil {
+		return x.Keyrings
+	}
+	return 0
+}
+
+func (x *RootRotation) GetVersionsRewrapped() uint32 {
+	if x != nil {
+		return x.VersionsRewrapped
+	}
+	return 0
+}
+
+type DestroyRootRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The root's id (its pkcs11: URI without query) as KeyVersion.root_id
+	// shows it.
+	RootId        string `protobuf:"bytes,1,opt,name=root_id,json=rootId,proto3" json:"root_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DestroyRootRequest) Reset() {
+	*x = DestroyRootRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DestroyRootRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DestroyRootRequest) ProtoMessage() {}
+
+func (x *DestroyRootRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DestroyRootRequest.ProtoReflect.Descriptor instead.
+func (*DestroyRootRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *DestroyRootRequest) GetRootId() string {
+	if x != nil {
+		return x.RootId
+	}
+	return ""
+}
+
+type DestroyRootResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	RootId        string                 `protobuf:"bytes,1,opt,name=root_id,json=rootId,proto3" json:"root_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DestroyRootResponse) Reset() {
+	*x = DestroyRootResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DestroyRootResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DestroyRootResponse) ProtoMessage() {}
+
+func (x *DestroyRootResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DestroyRootResponse.ProtoReflect.Descriptor instead.
+func (*DestroyRootResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *DestroyRootResponse) GetRootId() string {
+	if x != nil {
+		return x.RootId
+	}
+	return ""
+}
+
+type ExportBackupRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The DR site's transfer public key, "coffre-xwing1:…".
+	To            string `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportBackupRequest) Reset() {
+	*x = ExportBackupRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportBackupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportBackupRequest) ProtoMessage() {}
+
+func (x *ExportBackupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportBackupRequest.ProtoReflect.Descriptor instead.
+func (*ExportBackupRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ExportBackupRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type ExportBackupResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The encrypted, signed backup; see kms/ENVELOPE.md "Backup".
+	Backup        []byte `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportBackupResponse) Reset() {
+	*x = ExportBackupResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportBackupResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportBackupResponse) ProtoMessage() {}
+
+func (x *ExportBackupResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportBackupResponse.ProtoReflect.Descriptor instead.
+func (*ExportBackupResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ExportBackupResponse) GetBackup() []byte {
+	if x != nil {
+		return x.Backup
+	}
+	return nil
+}
+
+type ProposeRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Operation *Operation             `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	// How long the proposal waits for approvals; 0 means 24 hours. Between
+	// 5 minutes and 7 days.
+	TtlSeconds    uint32 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProposeRequest) Reset() {
+	*x = ProposeRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProposeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProposeRequest) ProtoMessage() {}
+
+func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
+func (*ProposeRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ProposeRequest) GetOperation() *Operation {
+	if x != nil {
+		return x.Operation
+	}
+	return nil
+}
+
+func (x *ProposeRequest) GetTtlSeconds() uint32 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type ProposalDecision struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AdminId   string                 `protobuf:"bytes,1,opt,name=admin_id,json=adminId,proto3" json:"admin_id,omitempty"`
+	AdminName string                 `protobuf:"bytes,2,opt,name=admin_name,json=adminName,proto3" json:"admin_name,omitempty"`
+	// "approve" or "reject".
+	Decision      string                 `protobuf:"bytes,3,opt,name=decision,proto3" json:"decision,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProposalDecision) Reset() {
+	*x = ProposalDecision{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProposalDecision) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProposalDecision) ProtoMessage() {}
+
+func (x *ProposalDecision) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProposalDecision.ProtoReflect.Descriptor instead.
+func (*ProposalDecision) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ProposalDecision) GetAdminId() string {
+	if x != nil {
+		return x.AdminId
+	}
+	return ""
+}
+
+func (x *ProposalDecision) GetAdminName() string {
+	if x != nil {
+		return x.AdminName
+	}
+	return ""
+}
+
+func (x *ProposalDecision) GetDecision() string {
+	if x != nil {
+		return x.Decision
+	}
+	return ""
+}
+
+func (x *ProposalDecision) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+type Proposal struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hex SHA-256 of content: what admins sign.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The canonical content (JSON): kind, arguments, proposer, times, nonce.
+	// Signers recompute the hash from these bytes and show them.
+	Content []byte `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	Kind    string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	// pending, executing, executed, failed, rejected or expired.
+	State      string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	Decisions  []*ProposalDecision    `protobuf:"bytes,5,rep,name=decisions,proto3" json:"decisions,omitempty"`
+	Threshold  uint32                 `protobuf:"varint,6,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	Proposer   string                 `protobuf:"bytes,9,opt,name=proposer,proto3" json:"proposer,omitempty"`
+	// The operation's result (JSON) once executed; its error if it failed.
+	Result        []byte `protobuf:"bytes,10,opt,name=result,proto3" json:"result,omitempty"`
+	Error         string `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Proposal) Reset() {
+	*x = Proposal{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Proposal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Proposal) ProtoMessage() {}
+
+func (x *Proposal) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Proposal.ProtoReflect.Descriptor instead.
+func (*Proposal) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *Proposal) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Proposal) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
+func (x *Proposal) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Proposal) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Proposal) GetDecisions() []*ProposalDecision {
+	if x != nil {
+		return x.Decisions
+	}
+	return nil
+}
+
+func (x *Proposal) GetThreshold() uint32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *Proposal) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Proposal) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *Proposal) GetProposer() string {
+	if x != nil {
+		return x.Proposer
+	}
+	return ""
+}
+
+func (x *Proposal) GetResult() []byte {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *Proposal) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type GetProposalRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The id or a unique prefix of at least 8 hex digits.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetProposalRequest) Reset() {
+	*x = GetProposalRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetProposalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetProposalRequest) ProtoMessage() {}
+
+func (x *GetProposalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetProposalRequest.ProtoReflect.Descriptor instead.
+func (*GetProposalRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GetProposalRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ListProposalsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only proposals in this state; empty lists all.
+	State         string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProposalsRequest) Reset() {
+	*x = ListProposalsRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProposalsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProposalsRequest) ProtoMessage() {}
+
+func (x *ListProposalsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProposalsRequest.ProtoReflect.Descriptor instead.
+func (*ListProposalsRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ListProposalsRequest) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+type ListProposalsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Proposals     []*Proposal            `protobuf:"bytes,1,rep,name=proposals,proto3" json:"proposals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProposalsResponse) Reset() {
+	*x = ListProposalsResponse{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProposalsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProposalsResponse) ProtoMessage() {}
+
+func (x *ListProposalsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProposalsResponse.ProtoReflect.Descriptor instead.
+func (*ListProposalsResponse) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ListProposalsResponse) GetProposals() []*Proposal {
+	if x != nil {
+		return x.Proposals
+	}
+	return nil
+}
+
+type DecideProposalRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// "approve" or "reject".
+	Decision string `protobuf:"bytes,2,opt,name=decision,proto3" json:"decision,omitempty"`
+	// The admin's public key, "coffre-admin1:…".
+	PublicKey string `protobuf:"bytes,3,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// Ed25519 ‖ ML-DSA-65 signature over the decision message (see
+	// kms/quorum.ApprovalMessage).
+	Signature     []byte `protobuf:"bytes,4,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DecideProposalRequest) Reset() {
+	*x = DecideProposalRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DecideProposalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DecideProposalRequest) ProtoMessage() {}
+
+func (x *DecideProposalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DecideProposalRequest.ProtoReflect.Descriptor instead.
+func (*DecideProposalRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *DecideProposalRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DecideProposalRequest) GetDecision() string {
+	if x != nil {
+		return x.Decision
+	}
+	return ""
+}
+
+func (x *DecideProposalRequest) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *DecideProposalRequest) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+type QuorumAdmin struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// "coffre-admin1:…".
+	PublicKey string `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// The key's fingerprint, the admin's id in proposals and audit entries.
+	Id            string `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QuorumAdmin) Reset() {
+	*x = QuorumAdmin{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QuorumAdmin) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QuorumAdmin) ProtoMessage() {}
+
+func (x *QuorumAdmin) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QuorumAdmin.ProtoReflect.Descriptor instead.
+func (*QuorumAdmin) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *QuorumAdmin) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *QuorumAdmin) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *QuorumAdmin) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type SetQuorumRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Threshold     uint32                 `protobuf:"varint,1,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	Admins        []*QuorumAdmin         `protobuf:"bytes,2,rep,name=admins,proto3" json:"admins,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetQuorumRequest) Reset() {
+	*x = SetQuorumRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetQuorumRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetQuorumRequest) ProtoMessage() {}
+
+func (x *SetQuorumRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetQuorumRequest.ProtoReflect.Descriptor instead.
+func (*SetQuorumRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *SetQuorumRequest) GetThreshold() uint32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *SetQuorumRequest) GetAdmins() []*QuorumAdmin {
+	if x != nil {
+		return x.Admins
+	}
+	return nil
+}
+
+type GetQuorumRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetQuorumRequest) Reset() {
+	*x = GetQuorumRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetQuorumRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetQuorumRequest) ProtoMessage() {}
+
+func (x *GetQuorumRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetQuorumRequest.ProtoReflect.Descriptor instead.
+func (*GetQuorumRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
+}
+
+type Quorum struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint64                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Threshold     uint32                 `protobuf:"varint,2,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	Admins        []*QuorumAdmin         `protobuf:"bytes,3,rep,name=admins,proto3" json:"admins,omitempty"`
+	Revoked       []*QuorumAdmin         `protobuf:"bytes,4,rep,name=revoked,proto3" json:"revoked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Quorum) Reset() {
+	*x = Quorum{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quorum) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quorum) ProtoMessage() {}
+
+func (x *Quorum) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quorum.ProtoReflect.Descriptor instead.
+func (*Quorum) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Quorum) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *Quorum) GetThreshold() uint32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *Quorum) GetAdmins() []*QuorumAdmin {
+	if x != nil {
+		return x.Admins
+	}
+	return nil
+}
+
+func (x *Quorum) GetRevoked() []*QuorumAdmin {
+	if x != nil {
+		return x.Revoked
+	}
+	return nil
+}
+
 type KeyVersion struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
 	Version    uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
 	State      KeyState               `protobuf:"varint,2,opt,name=state,proto3,enum=coffre.v1.KeyState" json:"state,omitempty"`
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// The HSM root key that wraps this version (a pkcs11: URI without query).
-	RootId        string `protobuf:"bytes,4,opt,name=root_id,json=rootId,proto3" json:"root_id,omitempty"`
+	RootId string `protobuf:"bytes,4,opt,name=root_id,json=rootId,proto3" json:"root_id,omitempty"`
+	// When a scheduled destruction happens, or when a destroyed version was
+	// destroyed.
+	DestroyTime   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=destroy_time,json=destroyTime,proto3" json:"destroy_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[0]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -210,7 +1689,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[0]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -223,7 +1702,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{0}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -254,6 +1733,13 @@ func (x *KeyVersion) GetRootId() string {
 	return ""
 }
 
+func (x *KeyVersion) GetDestroyTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DestroyTime
+	}
+	return nil
+}
+
 type Keyring struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "tenant/name".
@@ -263,13 +1749,19 @@ type Keyring struct {
 	CreateTime     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	PrimaryVersion uint32                 `protobuf:"varint,5,opt,name=primary_version,json=primaryVersion,proto3" json:"primary_version,omitempty"`
 	Versions       []*KeyVersion          `protobuf:"bytes,6,rep,name=versions,proto3" json:"versions,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Automatic rotation: every rotation_period_seconds (0: never), next at
+	// next_rotation_time.
+	RotationPeriodSeconds uint64                 `protobuf:"varint,7,opt,name=rotation_period_seconds,json=rotationPeriodSeconds,proto3" json:"rotation_period_seconds,omitempty"`
+	NextRotationTime      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=next_rotation_time,json=nextRotationTime,proto3" json:"next_rotation_time,omitempty"`
+	// Envelopes under a lower version do not open (0 or 1: no limit).
+	MinDecryptionVersion uint32 `protobuf:"varint,9,opt,name=min_decryption_version,json=minDecryptionVersion,proto3" json:"min_decryption_version,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *Keyring) Reset() {
 	*x = Keyring{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[1]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -281,7 +1773,7 @@ func (x *Keyring) String() string {
 func (*Keyring) ProtoMessage() {}
 
 func (x *Keyring) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[1]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -294,7 +1786,7 @@ func (x *Keyring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Keyring.ProtoReflect.Descriptor instead.
 func (*Keyring) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{1}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Keyring) GetId() string {
@@ -339,6 +1831,27 @@ func (x *Keyring) GetVersions() []*KeyVersion {
 	return nil
 }
 
+func (x *Keyring) GetRotationPeriodSeconds() uint64 {
+	if x != nil {
+		return x.RotationPeriodSeconds
+	}
+	return 0
+}
+
+func (x *Keyring) GetNextRotationTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextRotationTime
+	}
+	return nil
+}
+
+func (x *Keyring) GetMinDecryptionVersion() uint32 {
+	if x != nil {
+		return x.MinDecryptionVersion
+	}
+	return 0
+}
+
 type CreateKeyringRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "tenant/name": lowercase letters, digits, '-' and '_', 1 to 63
@@ -350,7 +1863,7 @@ type CreateKeyringRequest struct {
 
 func (x *CreateKeyringRequest) Reset() {
 	*x = CreateKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -362,7 +1875,7 @@ func (x *CreateKeyringRequest) String() string {
 func (*CreateKeyringRequest) ProtoMessage() {}
 
 func (x *CreateKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -375,7 +1888,7 @@ func (x *CreateKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyringRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{2}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CreateKeyringRequest) GetId() string {
@@ -394,7 +1907,7 @@ type GetKeyringRequest struct {
 
 func (x *GetKeyringRequest) Reset() {
 	*x = GetKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -406,7 +1919,7 @@ func (x *GetKeyringRequest) String() string {
 func (*GetKeyringRequest) ProtoMessage() {}
 
 func (x *GetKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -419,7 +1932,7 @@ func (x *GetKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyringRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{3}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetKeyringRequest) GetId() string {
@@ -439,7 +1952,7 @@ type ListKeyringsRequest struct {
 
 func (x *ListKeyringsRequest) Reset() {
 	*x = ListKeyringsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +1964,7 @@ func (x *ListKeyringsRequest) String() string {
 func (*ListKeyringsRequest) ProtoMessage() {}
 
 func (x *ListKeyringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +1977,7 @@ func (x *ListKeyringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeyringsRequest.ProtoReflect.Descriptor instead.
 func (*ListKeyringsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{4}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListKeyringsRequest) GetTenant() string {
@@ -483,7 +1996,7 @@ type ListKeyringsResponse struct {
 
 func (x *ListKeyringsResponse) Reset() {
 	*x = ListKeyringsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +2008,7 @@ func (x *ListKeyringsResponse) String() string {
 func (*ListKeyringsResponse) ProtoMessage() {}
 
 func (x *ListKeyringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +2021,7 @@ func (x *ListKeyringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeyringsResponse.ProtoReflect.Descriptor instead.
 func (*ListKeyringsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{5}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListKeyringsResponse) GetKeyrings() []*Keyring {
@@ -527,7 +2040,7 @@ type RotateKeyringRequest struct {
 
 func (x *RotateKeyringRequest) Reset() {
 	*x = RotateKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -539,7 +2052,7 @@ func (x *RotateKeyringRequest) String() string {
 func (*RotateKeyringRequest) ProtoMessage() {}
 
 func (x *RotateKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -552,7 +2065,7 @@ func (x *RotateKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyringRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{6}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RotateKeyringRequest) GetId() string {
@@ -577,7 +2090,7 @@ type SealedKey struct {
 
 func (x *SealedKey) Reset() {
 	*x = SealedKey{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +2102,7 @@ func (x *SealedKey) String() string {
 func (*SealedKey) ProtoMessage() {}
 
 func (x *SealedKey) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +2115,7 @@ func (x *SealedKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SealedKey.ProtoReflect.Descriptor instead.
 func (*SealedKey) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{7}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SealedKey) GetSeal() isSealedKey_Seal {
@@ -669,7 +2182,7 @@ type SessionSealed struct {
 
 func (x *SessionSealed) Reset() {
 	*x = SessionSealed{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -681,7 +2194,7 @@ func (x *SessionSealed) String() string {
 func (*SessionSealed) ProtoMessage() {}
 
 func (x *SessionSealed) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -694,7 +2207,7 @@ func (x *SessionSealed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionSealed.ProtoReflect.Descriptor instead.
 func (*SessionSealed) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{8}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SessionSealed) GetSeq() uint64 {
@@ -722,7 +2235,7 @@ type TPMDuplicate struct {
 
 func (x *TPMDuplicate) Reset() {
 	*x = TPMDuplicate{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -734,7 +2247,7 @@ func (x *TPMDuplicate) String() string {
 func (*TPMDuplicate) ProtoMessage() {}
 
 func (x *TPMDuplicate) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -747,7 +2260,7 @@ func (x *TPMDuplicate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TPMDuplicate.ProtoReflect.Descriptor instead.
 func (*TPMDuplicate) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{9}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *TPMDuplicate) GetDuplicate() []byte {
@@ -784,7 +2297,7 @@ type GenerateDataKeyRequest struct {
 
 func (x *GenerateDataKeyRequest) Reset() {
 	*x = GenerateDataKeyRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -796,7 +2309,7 @@ func (x *GenerateDataKeyRequest) String() string {
 func (*GenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -809,7 +2322,7 @@ func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{10}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GenerateDataKeyRequest) GetKeyring() string {
@@ -837,7 +2350,7 @@ type GenerateDataKeyResponse struct {
 
 func (x *GenerateDataKeyResponse) Reset() {
 	*x = GenerateDataKeyResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -849,7 +2362,7 @@ func (x *GenerateDataKeyResponse) String() string {
 func (*GenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -862,7 +2375,7 @@ func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{11}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GenerateDataKeyResponse) GetEnvelope() []byte {
@@ -896,7 +2409,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -908,7 +2421,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -921,7 +2434,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{12}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DecryptRequest) GetEnvelope() []byte {
@@ -947,7 +2460,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -959,7 +2472,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -972,7 +2485,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{13}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DecryptResponse) GetKey() *SealedKey {
@@ -996,7 +2509,7 @@ type ReEncryptRequest struct {
 
 func (x *ReEncryptRequest) Reset() {
 	*x = ReEncryptRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +2521,7 @@ func (x *ReEncryptRequest) String() string {
 func (*ReEncryptRequest) ProtoMessage() {}
 
 func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +2534,7 @@ func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{14}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ReEncryptRequest) GetEnvelope() []byte {
@@ -1062,7 +2575,7 @@ type ReEncryptResponse struct {
 
 func (x *ReEncryptResponse) Reset() {
 	*x = ReEncryptResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1074,7 +2587,7 @@ func (x *ReEncryptResponse) String() string {
 func (*ReEncryptResponse) ProtoMessage() {}
 
 func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1087,7 +2600,7 @@ func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{15}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ReEncryptResponse) GetEnvelope() []byte {
@@ -1121,7 +2634,7 @@ type KeyringPolicy struct {
 
 func (x *KeyringPolicy) Reset() {
 	*x = KeyringPolicy{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +2646,7 @@ func (x *KeyringPolicy) String() string {
 func (*KeyringPolicy) ProtoMessage() {}
 
 func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +2659,7 @@ func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringPolicy.ProtoReflect.Descriptor instead.
 func (*KeyringPolicy) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *KeyringPolicy) GetKeyring() string {
@@ -1186,7 +2699,7 @@ type SetKeyringPolicyRequest struct {
 
 func (x *SetKeyringPolicyRequest) Reset() {
 	*x = SetKeyringPolicyRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1198,7 +2711,7 @@ func (x *SetKeyringPolicyRequest) String() string {
 func (*SetKeyringPolicyRequest) ProtoMessage() {}
 
 func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1211,7 +2724,7 @@ func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyringPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyringPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SetKeyringPolicyRequest) GetPolicy() *KeyringPolicy {
@@ -1233,7 +2746,7 @@ type EKRoot struct {
 
 func (x *EKRoot) Reset() {
 	*x = EKRoot{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1245,7 +2758,7 @@ func (x *EKRoot) String() string {
 func (*EKRoot) ProtoMessage() {}
 
 func (x *EKRoot) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1258,7 +2771,7 @@ func (x *EKRoot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EKRoot.ProtoReflect.Descriptor instead.
 func (*EKRoot) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *EKRoot) GetFingerprint() string {
@@ -1292,7 +2805,7 @@ type AddEKRootRequest struct {
 
 func (x *AddEKRootRequest) Reset() {
 	*x = AddEKRootRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +2817,7 @@ func (x *AddEKRootRequest) String() string {
 func (*AddEKRootRequest) ProtoMessage() {}
 
 func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +2830,7 @@ func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEKRootRequest.ProtoReflect.Descriptor instead.
 func (*AddEKRootRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *AddEKRootRequest) GetCertificate() []byte {
@@ -1335,7 +2848,7 @@ type ListEKRootsRequest struct {
 
 func (x *ListEKRootsRequest) Reset() {
 	*x = ListEKRootsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1347,7 +2860,7 @@ func (x *ListEKRootsRequest) String() string {
 func (*ListEKRootsRequest) ProtoMessage() {}
 
 func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1360,7 +2873,7 @@ func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEKRootsRequest.ProtoReflect.Descriptor instead.
 func (*ListEKRootsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{43}
 }
 
 type ListEKRootsResponse struct {
@@ -1372,7 +2885,7 @@ type ListEKRootsResponse struct {
 
 func (x *ListEKRootsResponse) Reset() {
 	*x = ListEKRootsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1384,7 +2897,7 @@ func (x *ListEKRootsResponse) String() string {
 func (*ListEKRootsResponse) ProtoMessage() {}
 
 func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1397,7 +2910,7 @@ func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEKRootsResponse.ProtoReflect.Descriptor instead.
 func (*ListEKRootsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ListEKRootsResponse) GetRoots() []*EKRoot {
@@ -1418,7 +2931,7 @@ type PCRReference struct {
 
 func (x *PCRReference) Reset() {
 	*x = PCRReference{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1430,7 +2943,7 @@ func (x *PCRReference) String() string {
 func (*PCRReference) ProtoMessage() {}
 
 func (x *PCRReference) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1443,7 +2956,7 @@ func (x *PCRReference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRReference.ProtoReflect.Descriptor instead.
 func (*PCRReference) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *PCRReference) GetIndex() uint32 {
@@ -1472,7 +2985,7 @@ type NodeClass struct {
 
 func (x *NodeClass) Reset() {
 	*x = NodeClass{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1484,7 +2997,7 @@ func (x *NodeClass) String() string {
 func (*NodeClass) ProtoMessage() {}
 
 func (x *NodeClass) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1497,7 +3010,7 @@ func (x *NodeClass) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeClass.ProtoReflect.Descriptor instead.
 func (*NodeClass) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *NodeClass) GetName() string {
@@ -1530,7 +3043,7 @@ type SetNodeClassRequest struct {
 
 func (x *SetNodeClassRequest) Reset() {
 	*x = SetNodeClassRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +3055,7 @@ func (x *SetNodeClassRequest) String() string {
 func (*SetNodeClassRequest) ProtoMessage() {}
 
 func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +3068,7 @@ func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeClassRequest.ProtoReflect.Descriptor instead.
 func (*SetNodeClassRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SetNodeClassRequest) GetClass() *NodeClass {
@@ -1582,7 +3095,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +3107,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +3120,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *Node) GetName() string {
@@ -1675,7 +3188,7 @@ type EnrollNodeRequest struct {
 
 func (x *EnrollNodeRequest) Reset() {
 	*x = EnrollNodeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +3200,7 @@ func (x *EnrollNodeRequest) String() string {
 func (*EnrollNodeRequest) ProtoMessage() {}
 
 func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +3213,7 @@ func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrollNodeRequest.ProtoReflect.Descriptor instead.
 func (*EnrollNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *EnrollNodeRequest) GetName() string {
@@ -1777,7 +3290,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +3302,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +3315,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -1820,7 +3333,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1832,7 +3345,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1845,7 +3358,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{51}
 }
 
 type ListNodesResponse struct {
@@ -1857,7 +3370,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1869,7 +3382,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1882,7 +3395,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -1906,7 +3419,7 @@ type ChallengeRequest struct {
 
 func (x *ChallengeRequest) Reset() {
 	*x = ChallengeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1918,7 +3431,7 @@ func (x *ChallengeRequest) String() string {
 func (*ChallengeRequest) ProtoMessage() {}
 
 func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1931,7 +3444,7 @@ func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeRequest.ProtoReflect.Descriptor instead.
 func (*ChallengeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ChallengeRequest) GetEkCertificate() []byte {
@@ -1974,7 +3487,7 @@ type ChallengeResponse struct {
 
 func (x *ChallengeResponse) Reset() {
 	*x = ChallengeResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1986,7 +3499,7 @@ func (x *ChallengeResponse) String() string {
 func (*ChallengeResponse) ProtoMessage() {}
 
 func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1999,7 +3512,7 @@ func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeResponse.ProtoReflect.Descriptor instead.
 func (*ChallengeResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ChallengeResponse) GetChallengeId() string {
@@ -2054,7 +3567,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2066,7 +3579,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2079,7 +3592,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -2119,7 +3632,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2131,7 +3644,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2144,7 +3657,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *CompleteRequest) GetChallengeId() string {
@@ -2226,7 +3739,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2238,7 +3751,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2251,7 +3764,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CompleteResponse) GetSessionToken() string {
@@ -2300,14 +3813,118 @@ var File_coffre_v1_coffre_proto protoreflect.FileDescriptor
 
 const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\n" +
-	"\x16coffre/v1/coffre.proto\x12\tcoffre.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x01\n" +
+	"\x16coffre/v1/coffre.proto\x12\tcoffre.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x05\n" +
+	"\tOperation\x12R\n" +
+	"\x12set_keyring_policy\x18\x01 \x01(\v2\".coffre.v1.SetKeyringPolicyRequestH\x00R\x10setKeyringPolicy\x12=\n" +
+	"\vadd_ek_root\x18\x02 \x01(\v2\x1b.coffre.v1.AddEKRootRequestH\x00R\taddEkRoot\x12F\n" +
+	"\x0eset_node_class\x18\x03 \x01(\v2\x1e.coffre.v1.SetNodeClassRequestH\x00R\fsetNodeClass\x12?\n" +
+	"\venroll_node\x18\x04 \x01(\v2\x1c.coffre.v1.EnrollNodeRequestH\x00R\n" +
+	"enrollNode\x12?\n" +
+	"\vrevoke_node\x18\x05 \x01(\v2\x1c.coffre.v1.RevokeNodeRequestH\x00R\n" +
+	"revokeNode\x12<\n" +
+	"\n" +
+	"set_quorum\x18\x06 \x01(\v2\x1b.coffre.v1.SetQuorumRequestH\x00R\tsetQuorum\x12d\n" +
+	"\x18schedule_key_destruction\x18\a \x01(\v2(.coffre.v1.ScheduleKeyDestructionRequestH\x00R\x16scheduleKeyDestruction\x12?\n" +
+	"\vrotate_root\x18\b \x01(\v2\x1c.coffre.v1.RotateRootRequestH\x00R\n" +
+	"rotateRoot\x12B\n" +
+	"\fdestroy_root\x18\t \x01(\v2\x1d.coffre.v1.DestroyRootRequestH\x00R\vdestroyRoot\x12E\n" +
+	"\rexport_backup\x18\n" +
+	" \x01(\v2\x1e.coffre.v1.ExportBackupRequestH\x00R\fexportBackupB\x04\n" +
+	"\x02op\"G\n" +
+	"\x11KeyVersionRequest\x12\x18\n" +
+	"\akeyring\x18\x01 \x01(\tR\akeyring\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"[\n" +
+	"\x18SetRotationPeriodRequest\x12\x18\n" +
+	"\akeyring\x18\x01 \x01(\tR\akeyring\x12%\n" +
+	"\x0eperiod_seconds\x18\x02 \x01(\x04R\rperiodSeconds\"\xd0\x01\n" +
+	"\x15RewrapEnvelopeRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x1a\n" +
+	"\benvelope\x18\x02 \x01(\fR\benvelope\x12G\n" +
+	"\acontext\x18\x03 \x03(\v2-.coffre.v1.RewrapEnvelopeRequest.ContextEntryR\acontext\x1a:\n" +
+	"\fContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"o\n" +
+	"\x16RewrapEnvelopeResponse\x12\x1a\n" +
+	"\benvelope\x18\x01 \x01(\fR\benvelope\x12\x1f\n" +
+	"\vkey_version\x18\x02 \x01(\rR\n" +
+	"keyVersion\x12\x18\n" +
+	"\achanged\x18\x03 \x01(\bR\achanged\"g\n" +
+	"\x1dScheduleKeyDestructionRequest\x12\x18\n" +
+	"\akeyring\x18\x01 \x01(\tR\akeyring\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x12\n" +
+	"\x04days\x18\x03 \x01(\rR\x04days\"\x13\n" +
+	"\x11RotateRootRequest\"r\n" +
+	"\fRootRotation\x12\x17\n" +
+	"\aroot_id\x18\x01 \x01(\tR\x06rootId\x12\x1a\n" +
+	"\bkeyrings\x18\x02 \x01(\rR\bkeyrings\x12-\n" +
+	"\x12versions_rewrapped\x18\x03 \x01(\rR\x11versionsRewrapped\"-\n" +
+	"\x12DestroyRootRequest\x12\x17\n" +
+	"\aroot_id\x18\x01 \x01(\tR\x06rootId\".\n" +
+	"\x13DestroyRootResponse\x12\x17\n" +
+	"\aroot_id\x18\x01 \x01(\tR\x06rootId\"%\n" +
+	"\x13ExportBackupRequest\x12\x0e\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\".\n" +
+	"\x14ExportBackupResponse\x12\x16\n" +
+	"\x06backup\x18\x01 \x01(\fR\x06backup\"e\n" +
+	"\x0eProposeRequest\x122\n" +
+	"\toperation\x18\x01 \x01(\v2\x14.coffre.v1.OperationR\toperation\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\rR\n" +
+	"ttlSeconds\"\x98\x01\n" +
+	"\x10ProposalDecision\x12\x19\n" +
+	"\badmin_id\x18\x01 \x01(\tR\aadminId\x12\x1d\n" +
+	"\n" +
+	"admin_name\x18\x02 \x01(\tR\tadminName\x12\x1a\n" +
+	"\bdecision\x18\x03 \x01(\tR\bdecision\x12.\n" +
+	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xfb\x02\n" +
+	"\bProposal\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\fR\acontent\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x129\n" +
+	"\tdecisions\x18\x05 \x03(\v2\x1b.coffre.v1.ProposalDecisionR\tdecisions\x12\x1c\n" +
+	"\tthreshold\x18\x06 \x01(\rR\tthreshold\x12;\n" +
+	"\vcreate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vexpire_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x1a\n" +
+	"\bproposer\x18\t \x01(\tR\bproposer\x12\x16\n" +
+	"\x06result\x18\n" +
+	" \x01(\fR\x06result\x12\x14\n" +
+	"\x05error\x18\v \x01(\tR\x05error\"$\n" +
+	"\x12GetProposalRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\",\n" +
+	"\x14ListProposalsRequest\x12\x14\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\"J\n" +
+	"\x15ListProposalsResponse\x121\n" +
+	"\tproposals\x18\x01 \x03(\v2\x13.coffre.v1.ProposalR\tproposals\"\x80\x01\n" +
+	"\x15DecideProposalRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
+	"\bdecision\x18\x02 \x01(\tR\bdecision\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x03 \x01(\tR\tpublicKey\x12\x1c\n" +
+	"\tsignature\x18\x04 \x01(\fR\tsignature\"P\n" +
+	"\vQuorumAdmin\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\tR\tpublicKey\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\"`\n" +
+	"\x10SetQuorumRequest\x12\x1c\n" +
+	"\tthreshold\x18\x01 \x01(\rR\tthreshold\x12.\n" +
+	"\x06admins\x18\x02 \x03(\v2\x16.coffre.v1.QuorumAdminR\x06admins\"\x12\n" +
+	"\x10GetQuorumRequest\"\xa2\x01\n" +
+	"\x06Quorum\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x1c\n" +
+	"\tthreshold\x18\x02 \x01(\rR\tthreshold\x12.\n" +
+	"\x06admins\x18\x03 \x03(\v2\x16.coffre.v1.QuorumAdminR\x06admins\x120\n" +
+	"\arevoked\x18\x04 \x03(\v2\x16.coffre.v1.QuorumAdminR\arevoked\"\xe6\x01\n" +
 	"\n" +
 	"KeyVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12)\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x13.coffre.v1.KeyStateR\x05state\x12;\n" +
 	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12\x17\n" +
-	"\aroot_id\x18\x04 \x01(\tR\x06rootId\"\xde\x01\n" +
+	"\aroot_id\x18\x04 \x01(\tR\x06rootId\x12=\n" +
+	"\fdestroy_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\vdestroyTime\"\x96\x03\n" +
 	"\aKeyring\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x12\n" +
@@ -2315,7 +3932,10 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12'\n" +
 	"\x0fprimary_version\x18\x05 \x01(\rR\x0eprimaryVersion\x121\n" +
-	"\bversions\x18\x06 \x03(\v2\x15.coffre.v1.KeyVersionR\bversions\"&\n" +
+	"\bversions\x18\x06 \x03(\v2\x15.coffre.v1.KeyVersionR\bversions\x126\n" +
+	"\x17rotation_period_seconds\x18\a \x01(\x04R\x15rotationPeriodSeconds\x12H\n" +
+	"\x12next_rotation_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x10nextRotationTime\x124\n" +
+	"\x16min_decryption_version\x18\t \x01(\rR\x14minDecryptionVersion\"&\n" +
 	"\x14CreateKeyringRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"#\n" +
 	"\x11GetKeyringRequest\x12\x0e\n" +
@@ -2465,11 +4085,14 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"sessionEnc\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*V\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xa8\x01\n" +
 	"\bKeyState\x12\x19\n" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
-	"\x15KEY_STATE_DEACTIVATED\x10\x02*E\n" +
+	"\x15KEY_STATE_DEACTIVATED\x10\x02\x12\x16\n" +
+	"\x12KEY_STATE_DISABLED\x10\x03\x12\x1f\n" +
+	"\x1bKEY_STATE_DESTROY_SCHEDULED\x10\x04\x12\x17\n" +
+	"\x13KEY_STATE_DESTROYED\x10\x05*E\n" +
 	"\aRelease\x12\x17\n" +
 	"\x13RELEASE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fRELEASE_HPKE\x10\x01\x12\x0f\n" +
@@ -2477,22 +4100,29 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NODE_STATE_ENROLLED\x10\x01\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x022\x90\x06\n" +
+	"\x12NODE_STATE_REVOKED\x10\x022\xa0\n" +
+	"\n" +
 	"\fAdminService\x12D\n" +
 	"\rCreateKeyring\x12\x1f.coffre.v1.CreateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12>\n" +
 	"\n" +
 	"GetKeyring\x12\x1c.coffre.v1.GetKeyringRequest\x1a\x12.coffre.v1.Keyring\x12O\n" +
 	"\fListKeyrings\x12\x1e.coffre.v1.ListKeyringsRequest\x1a\x1f.coffre.v1.ListKeyringsResponse\x12D\n" +
-	"\rRotateKeyring\x12\x1f.coffre.v1.RotateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12P\n" +
-	"\x10SetKeyringPolicy\x12\".coffre.v1.SetKeyringPolicyRequest\x1a\x18.coffre.v1.KeyringPolicy\x12;\n" +
-	"\tAddEKRoot\x12\x1b.coffre.v1.AddEKRootRequest\x1a\x11.coffre.v1.EKRoot\x12L\n" +
-	"\vListEKRoots\x12\x1d.coffre.v1.ListEKRootsRequest\x1a\x1e.coffre.v1.ListEKRootsResponse\x12D\n" +
-	"\fSetNodeClass\x12\x1e.coffre.v1.SetNodeClassRequest\x1a\x14.coffre.v1.NodeClass\x12;\n" +
+	"\rRotateKeyring\x12\x1f.coffre.v1.RotateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12E\n" +
+	"\x11DisableKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12D\n" +
+	"\x10EnableKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12H\n" +
+	"\x14CancelKeyDestruction\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12K\n" +
+	"\x17SetMinDecryptionVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12L\n" +
+	"\x11SetRotationPeriod\x12#.coffre.v1.SetRotationPeriodRequest\x1a\x12.coffre.v1.Keyring\x12U\n" +
+	"\x0eRewrapEnvelope\x12 .coffre.v1.RewrapEnvelopeRequest\x1a!.coffre.v1.RewrapEnvelopeResponse\x12L\n" +
+	"\vListEKRoots\x12\x1d.coffre.v1.ListEKRootsRequest\x1a\x1e.coffre.v1.ListEKRootsResponse\x12F\n" +
+	"\tListNodes\x12\x1b.coffre.v1.ListNodesRequest\x1a\x1c.coffre.v1.ListNodesResponse\x129\n" +
+	"\aPropose\x12\x19.coffre.v1.ProposeRequest\x1a\x13.coffre.v1.Proposal\x12A\n" +
+	"\vGetProposal\x12\x1d.coffre.v1.GetProposalRequest\x1a\x13.coffre.v1.Proposal\x12R\n" +
+	"\rListProposals\x12\x1f.coffre.v1.ListProposalsRequest\x1a .coffre.v1.ListProposalsResponse\x12G\n" +
+	"\x0eDecideProposal\x12 .coffre.v1.DecideProposalRequest\x1a\x13.coffre.v1.Proposal\x12<\n" +
 	"\n" +
-	"EnrollNode\x12\x1c.coffre.v1.EnrollNodeRequest\x1a\x0f.coffre.v1.Node\x12;\n" +
-	"\n" +
-	"RevokeNode\x12\x1c.coffre.v1.RevokeNodeRequest\x1a\x0f.coffre.v1.Node\x12F\n" +
-	"\tListNodes\x12\x1b.coffre.v1.ListNodesRequest\x1a\x1c.coffre.v1.ListNodesResponse2\x9c\x01\n" +
+	"InitQuorum\x12\x1b.coffre.v1.SetQuorumRequest\x1a\x11.coffre.v1.Quorum\x12;\n" +
+	"\tGetQuorum\x12\x1b.coffre.v1.GetQuorumRequest\x1a\x11.coffre.v1.Quorum2\x9c\x01\n" +
 	"\rAttestService\x12F\n" +
 	"\tChallenge\x12\x1b.coffre.v1.ChallengeRequest\x1a\x1c.coffre.v1.ChallengeResponse\x12C\n" +
 	"\bComplete\x12\x1a.coffre.v1.CompleteRequest\x1a\x1b.coffre.v1.CompleteResponse2\xf0\x01\n" +
@@ -2515,124 +4145,184 @@ func file_coffre_v1_coffre_proto_rawDescGZIP() []byte {
 }
 
 var file_coffre_v1_coffre_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 67)
 var file_coffre_v1_coffre_proto_goTypes = []any{
-	(KeyState)(0),                   // 0: coffre.v1.KeyState
-	(Release)(0),                    // 1: coffre.v1.Release
-	(NodeState)(0),                  // 2: coffre.v1.NodeState
-	(*KeyVersion)(nil),              // 3: coffre.v1.KeyVersion
-	(*Keyring)(nil),                 // 4: coffre.v1.Keyring
-	(*CreateKeyringRequest)(nil),    // 5: coffre.v1.CreateKeyringRequest
-	(*GetKeyringRequest)(nil),       // 6: coffre.v1.GetKeyringRequest
-	(*ListKeyringsRequest)(nil),     // 7: coffre.v1.ListKeyringsRequest
-	(*ListKeyringsResponse)(nil),    // 8: coffre.v1.ListKeyringsResponse
-	(*RotateKeyringRequest)(nil),    // 9: coffre.v1.RotateKeyringRequest
-	(*SealedKey)(nil),               // 10: coffre.v1.SealedKey
-	(*SessionSealed)(nil),           // 11: coffre.v1.SessionSealed
-	(*TPMDuplicate)(nil),            // 12: coffre.v1.TPMDuplicate
-	(*GenerateDataKeyRequest)(nil),  // 13: coffre.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil), // 14: coffre.v1.GenerateDataKeyResponse
-	(*DecryptRequest)(nil),          // 15: coffre.v1.DecryptRequest
-	(*DecryptResponse)(nil),         // 16: coffre.v1.DecryptResponse
-	(*ReEncryptRequest)(nil),        // 17: coffre.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),       // 18: coffre.v1.ReEncryptResponse
-	(*KeyringPolicy)(nil),           // 19: coffre.v1.KeyringPolicy
-	(*SetKeyringPolicyRequest)(nil), // 20: coffre.v1.SetKeyringPolicyRequest
-	(*EKRoot)(nil),                  // 21: coffre.v1.EKRoot
-	(*AddEKRootRequest)(nil),        // 22: coffre.v1.AddEKRootRequest
-	(*ListEKRootsRequest)(nil),      // 23: coffre.v1.ListEKRootsRequest
-	(*ListEKRootsResponse)(nil),     // 24: coffre.v1.ListEKRootsResponse
-	(*PCRReference)(nil),            // 25: coffre.v1.PCRReference
-	(*NodeClass)(nil),               // 26: coffre.v1.NodeClass
-	(*SetNodeClassRequest)(nil),     // 27: coffre.v1.SetNodeClassRequest
-	(*Node)(nil),                    // 28: coffre.v1.Node
-	(*EnrollNodeRequest)(nil),       // 29: coffre.v1.EnrollNodeRequest
-	(*RevokeNodeRequest)(nil),       // 30: coffre.v1.RevokeNodeRequest
-	(*ListNodesRequest)(nil),        // 31: coffre.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),       // 32: coffre.v1.ListNodesResponse
-	(*ChallengeRequest)(nil),        // 33: coffre.v1.ChallengeRequest
-	(*ChallengeResponse)(nil),       // 34: coffre.v1.ChallengeResponse
-	(*PCRValue)(nil),                // 35: coffre.v1.PCRValue
-	(*CompleteRequest)(nil),         // 36: coffre.v1.CompleteRequest
-	(*CompleteResponse)(nil),        // 37: coffre.v1.CompleteResponse
-	nil,                             // 38: coffre.v1.GenerateDataKeyRequest.ContextEntry
-	nil,                             // 39: coffre.v1.DecryptRequest.ContextEntry
-	nil,                             // 40: coffre.v1.ReEncryptRequest.ContextEntry
-	nil,                             // 41: coffre.v1.ReEncryptRequest.DestinationContextEntry
-	nil,                             // 42: coffre.v1.KeyringPolicy.RequiredLabelsEntry
-	nil,                             // 43: coffre.v1.Node.LabelsEntry
-	nil,                             // 44: coffre.v1.EnrollNodeRequest.LabelsEntry
-	nil,                             // 45: coffre.v1.CompleteResponse.LabelsEntry
-	(*timestamppb.Timestamp)(nil),   // 46: google.protobuf.Timestamp
+	(KeyState)(0),                         // 0: coffre.v1.KeyState
+	(Release)(0),                          // 1: coffre.v1.Release
+	(NodeState)(0),                        // 2: coffre.v1.NodeState
+	(*Operation)(nil),                     // 3: coffre.v1.Operation
+	(*KeyVersionRequest)(nil),             // 4: coffre.v1.KeyVersionRequest
+	(*SetRotationPeriodRequest)(nil),      // 5: coffre.v1.SetRotationPeriodRequest
+	(*RewrapEnvelopeRequest)(nil),         // 6: coffre.v1.RewrapEnvelopeRequest
+	(*RewrapEnvelopeResponse)(nil),        // 7: coffre.v1.RewrapEnvelopeResponse
+	(*ScheduleKeyDestructionRequest)(nil), // 8: coffre.v1.ScheduleKeyDestructionRequest
+	(*RotateRootRequest)(nil),             // 9: coffre.v1.RotateRootRequest
+	(*RootRotation)(nil),                  // 10: coffre.v1.RootRotation
+	(*DestroyRootRequest)(nil),            // 11: coffre.v1.DestroyRootRequest
+	(*DestroyRootResponse)(nil),           // 12: coffre.v1.DestroyRootResponse
+	(*ExportBackupRequest)(nil),           // 13: coffre.v1.ExportBackupRequest
+	(*ExportBackupResponse)(nil),          // 14: coffre.v1.ExportBackupResponse
+	(*ProposeRequest)(nil),                // 15: coffre.v1.ProposeRequest
+	(*ProposalDecision)(nil),              // 16: coffre.v1.ProposalDecision
+	(*Proposal)(nil),                      // 17: coffre.v1.Proposal
+	(*GetProposalRequest)(nil),            // 18: coffre.v1.GetProposalRequest
+	(*ListProposalsRequest)(nil),          // 19: coffre.v1.ListProposalsRequest
+	(*ListProposalsResponse)(nil),         // 20: coffre.v1.ListProposalsResponse
+	(*DecideProposalRequest)(nil),         // 21: coffre.v1.DecideProposalRequest
+	(*QuorumAdmin)(nil),                   // 22: coffre.v1.QuorumAdmin
+	(*SetQuorumRequest)(nil),              // 23: coffre.v1.SetQuorumRequest
+	(*GetQuorumRequest)(nil),              // 24: coffre.v1.GetQuorumRequest
+	(*Quorum)(nil),                        // 25: coffre.v1.Quorum
+	(*KeyVersion)(nil),                    // 26: coffre.v1.KeyVersion
+	(*Keyring)(nil),                       // 27: coffre.v1.Keyring
+	(*CreateKeyringRequest)(nil),          // 28: coffre.v1.CreateKeyringRequest
+	(*GetKeyringRequest)(nil),             // 29: coffre.v1.GetKeyringRequest
+	(*ListKeyringsRequest)(nil),           // 30: coffre.v1.ListKeyringsRequest
+	(*ListKeyringsResponse)(nil),          // 31: coffre.v1.ListKeyringsResponse
+	(*RotateKeyringRequest)(nil),          // 32: coffre.v1.RotateKeyringRequest
+	(*SealedKey)(nil),                     // 33: coffre.v1.SealedKey
+	(*SessionSealed)(nil),                 // 34: coffre.v1.SessionSealed
+	(*TPMDuplicate)(nil),                  // 35: coffre.v1.TPMDuplicate
+	(*GenerateDataKeyRequest)(nil),        // 36: coffre.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),       // 37: coffre.v1.GenerateDataKeyResponse
+	(*DecryptRequest)(nil),                // 38: coffre.v1.DecryptRequest
+	(*DecryptResponse)(nil),               // 39: coffre.v1.DecryptResponse
+	(*ReEncryptRequest)(nil),              // 40: coffre.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),             // 41: coffre.v1.ReEncryptResponse
+	(*KeyringPolicy)(nil),                 // 42: coffre.v1.KeyringPolicy
+	(*SetKeyringPolicyRequest)(nil),       // 43: coffre.v1.SetKeyringPolicyRequest
+	(*EKRoot)(nil),                        // 44: coffre.v1.EKRoot
+	(*AddEKRootRequest)(nil),              // 45: coffre.v1.AddEKRootRequest
+	(*ListEKRootsRequest)(nil),            // 46: coffre.v1.ListEKRootsRequest
+	(*ListEKRootsResponse)(nil),           // 47: coffre.v1.ListEKRootsResponse
+	(*PCRReference)(nil),                  // 48: coffre.v1.PCRReference
+	(*NodeClass)(nil),                     // 49: coffre.v1.NodeClass
+	(*SetNodeClassRequest)(nil),           // 50: coffre.v1.SetNodeClassRequest
+	(*Node)(nil),                          // 51: coffre.v1.Node
+	(*EnrollNodeRequest)(nil),             // 52: coffre.v1.EnrollNodeRequest
+	(*RevokeNodeRequest)(nil),             // 53: coffre.v1.RevokeNodeRequest
+	(*ListNodesRequest)(nil),              // 54: coffre.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),             // 55: coffre.v1.ListNodesResponse
+	(*ChallengeRequest)(nil),              // 56: coffre.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),             // 57: coffre.v1.ChallengeResponse
+	(*PCRValue)(nil),                      // 58: coffre.v1.PCRValue
+	(*CompleteRequest)(nil),               // 59: coffre.v1.CompleteRequest
+	(*CompleteResponse)(nil),              // 60: coffre.v1.CompleteResponse
+	nil,                                   // 61: coffre.v1.RewrapEnvelopeRequest.ContextEntry
+	nil,                                   // 62: coffre.v1.GenerateDataKeyRequest.ContextEntry
+	nil,                                   // 63: coffre.v1.DecryptRequest.ContextEntry
+	nil,                                   // 64: coffre.v1.ReEncryptRequest.ContextEntry
+	nil,                                   // 65: coffre.v1.ReEncryptRequest.DestinationContextEntry
+	nil,                                   // 66: coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	nil,                                   // 67: coffre.v1.Node.LabelsEntry
+	nil,                                   // 68: coffre.v1.EnrollNodeRequest.LabelsEntry
+	nil,                                   // 69: coffre.v1.CompleteResponse.LabelsEntry
+	(*timestamppb.Timestamp)(nil),         // 70: google.protobuf.Timestamp
 }
 var file_coffre_v1_coffre_proto_depIdxs = []int32{
-	0,  // 0: coffre.v1.KeyVersion.state:type_name -> coffre.v1.KeyState
-	46, // 1: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	46, // 2: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
-	3,  // 3: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
-	4,  // 4: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
-	12, // 5: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
-	11, // 6: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
-	38, // 7: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
-	10, // 8: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
-	39, // 9: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
-	10, // 10: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
-	40, // 11: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
-	41, // 12: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
-	42, // 13: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
-	1,  // 14: coffre.v1.KeyringPolicy.release:type_name -> coffre.v1.Release
-	19, // 15: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
-	46, // 16: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
-	21, // 17: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
-	25, // 18: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
-	26, // 19: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
-	43, // 20: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
-	2,  // 21: coffre.v1.Node.state:type_name -> coffre.v1.NodeState
-	46, // 22: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
-	46, // 23: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
-	44, // 24: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
-	28, // 25: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
-	46, // 26: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
-	35, // 27: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
-	46, // 28: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
-	45, // 29: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
-	5,  // 30: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
-	6,  // 31: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
-	7,  // 32: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
-	9,  // 33: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
-	20, // 34: coffre.v1.AdminService.SetKeyringPolicy:input_type -> coffre.v1.SetKeyringPolicyRequest
-	22, // 35: coffre.v1.AdminService.AddEKRoot:input_type -> coffre.v1.AddEKRootRequest
-	23, // 36: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
-	27, // 37: coffre.v1.AdminService.SetNodeClass:input_type -> coffre.v1.SetNodeClassRequest
-	29, // 38: coffre.v1.AdminService.EnrollNode:input_type -> coffre.v1.EnrollNodeRequest
-	30, // 39: coffre.v1.AdminService.RevokeNode:input_type -> coffre.v1.RevokeNodeRequest
-	31, // 40: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
-	33, // 41: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
-	36, // 42: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
-	13, // 43: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
-	15, // 44: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
-	17, // 45: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
-	4,  // 46: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
-	4,  // 47: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
-	8,  // 48: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
-	4,  // 49: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
-	19, // 50: coffre.v1.AdminService.SetKeyringPolicy:output_type -> coffre.v1.KeyringPolicy
-	21, // 51: coffre.v1.AdminService.AddEKRoot:output_type -> coffre.v1.EKRoot
-	24, // 52: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
-	26, // 53: coffre.v1.AdminService.SetNodeClass:output_type -> coffre.v1.NodeClass
-	28, // 54: coffre.v1.AdminService.EnrollNode:output_type -> coffre.v1.Node
-	28, // 55: coffre.v1.AdminService.RevokeNode:output_type -> coffre.v1.Node
-	32, // 56: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
-	34, // 57: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
-	37, // 58: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
-	14, // 59: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
-	16, // 60: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
-	18, // 61: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
-	46, // [46:62] is the sub-list for method output_type
-	30, // [30:46] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	43, // 0: coffre.v1.Operation.set_keyring_policy:type_name -> coffre.v1.SetKeyringPolicyRequest
+	45, // 1: coffre.v1.Operation.add_ek_root:type_name -> coffre.v1.AddEKRootRequest
+	50, // 2: coffre.v1.Operation.set_node_class:type_name -> coffre.v1.SetNodeClassRequest
+	52, // 3: coffre.v1.Operation.enroll_node:type_name -> coffre.v1.EnrollNodeRequest
+	53, // 4: coffre.v1.Operation.revoke_node:type_name -> coffre.v1.RevokeNodeRequest
+	23, // 5: coffre.v1.Operation.set_quorum:type_name -> coffre.v1.SetQuorumRequest
+	8,  // 6: coffre.v1.Operation.schedule_key_destruction:type_name -> coffre.v1.ScheduleKeyDestructionRequest
+	9,  // 7: coffre.v1.Operation.rotate_root:type_name -> coffre.v1.RotateRootRequest
+	11, // 8: coffre.v1.Operation.destroy_root:type_name -> coffre.v1.DestroyRootRequest
+	13, // 9: coffre.v1.Operation.export_backup:type_name -> coffre.v1.ExportBackupRequest
+	61, // 10: coffre.v1.RewrapEnvelopeRequest.context:type_name -> coffre.v1.RewrapEnvelopeRequest.ContextEntry
+	3,  // 11: coffre.v1.ProposeRequest.operation:type_name -> coffre.v1.Operation
+	70, // 12: coffre.v1.ProposalDecision.time:type_name -> google.protobuf.Timestamp
+	16, // 13: coffre.v1.Proposal.decisions:type_name -> coffre.v1.ProposalDecision
+	70, // 14: coffre.v1.Proposal.create_time:type_name -> google.protobuf.Timestamp
+	70, // 15: coffre.v1.Proposal.expire_time:type_name -> google.protobuf.Timestamp
+	17, // 16: coffre.v1.ListProposalsResponse.proposals:type_name -> coffre.v1.Proposal
+	22, // 17: coffre.v1.SetQuorumRequest.admins:type_name -> coffre.v1.QuorumAdmin
+	22, // 18: coffre.v1.Quorum.admins:type_name -> coffre.v1.QuorumAdmin
+	22, // 19: coffre.v1.Quorum.revoked:type_name -> coffre.v1.QuorumAdmin
+	0,  // 20: coffre.v1.KeyVersion.state:type_name -> coffre.v1.KeyState
+	70, // 21: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	70, // 22: coffre.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	70, // 23: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
+	26, // 24: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
+	70, // 25: coffre.v1.Keyring.next_rotation_time:type_name -> google.protobuf.Timestamp
+	27, // 26: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
+	35, // 27: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
+	34, // 28: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
+	62, // 29: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
+	33, // 30: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
+	63, // 31: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
+	33, // 32: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
+	64, // 33: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
+	65, // 34: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
+	66, // 35: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	1,  // 36: coffre.v1.KeyringPolicy.release:type_name -> coffre.v1.Release
+	42, // 37: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
+	70, // 38: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
+	44, // 39: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
+	48, // 40: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
+	49, // 41: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
+	67, // 42: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
+	2,  // 43: coffre.v1.Node.state:type_name -> coffre.v1.NodeState
+	70, // 44: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
+	70, // 45: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
+	68, // 46: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
+	51, // 47: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
+	70, // 48: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
+	58, // 49: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
+	70, // 50: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
+	69, // 51: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
+	28, // 52: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
+	29, // 53: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
+	30, // 54: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
+	32, // 55: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
+	4,  // 56: coffre.v1.AdminService.DisableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 57: coffre.v1.AdminService.EnableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 58: coffre.v1.AdminService.CancelKeyDestruction:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 59: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
+	5,  // 60: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
+	6,  // 61: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
+	46, // 62: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
+	54, // 63: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
+	15, // 64: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
+	18, // 65: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
+	19, // 66: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
+	21, // 67: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
+	23, // 68: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
+	24, // 69: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
+	56, // 70: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
+	59, // 71: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
+	36, // 72: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
+	38, // 73: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
+	40, // 74: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
+	27, // 75: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
+	27, // 76: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
+	31, // 77: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
+	27, // 78: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
+	27, // 79: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
+	27, // 80: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
+	27, // 81: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
+	27, // 82: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
+	27, // 83: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
+	7,  // 84: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
+	47, // 85: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
+	55, // 86: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
+	17, // 87: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
+	17, // 88: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
+	20, // 89: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
+	17, // 90: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
+	25, // 91: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
+	25, // 92: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
+	57, // 93: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
+	60, // 94: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
+	37, // 95: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
+	39, // 96: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
+	41, // 97: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
+	75, // [75:98] is the sub-list for method output_type
+	52, // [52:75] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_coffre_v1_coffre_proto_init() }
@@ -2640,11 +4330,23 @@ func file_coffre_v1_coffre_proto_init() {
 	if File_coffre_v1_coffre_proto != nil {
 		return
 	}
-	file_coffre_v1_coffre_proto_msgTypes[7].OneofWrappers = []any{
+	file_coffre_v1_coffre_proto_msgTypes[0].OneofWrappers = []any{
+		(*Operation_SetKeyringPolicy)(nil),
+		(*Operation_AddEkRoot)(nil),
+		(*Operation_SetNodeClass)(nil),
+		(*Operation_EnrollNode)(nil),
+		(*Operation_RevokeNode)(nil),
+		(*Operation_SetQuorum)(nil),
+		(*Operation_ScheduleKeyDestruction)(nil),
+		(*Operation_RotateRoot)(nil),
+		(*Operation_DestroyRoot)(nil),
+		(*Operation_ExportBackup)(nil),
+	}
+	file_coffre_v1_coffre_proto_msgTypes[30].OneofWrappers = []any{
 		(*SealedKey_Tpm)(nil),
 		(*SealedKey_Session)(nil),
 	}
-	file_coffre_v1_coffre_proto_msgTypes[26].OneofWrappers = []any{
+	file_coffre_v1_coffre_proto_msgTypes[49].OneofWrappers = []any{
 		(*EnrollNodeRequest_EkCertificate)(nil),
 		(*EnrollNodeRequest_EkPublic)(nil),
 	}
@@ -2654,7 +4356,7 @@ func file_coffre_v1_coffre_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coffre_v1_coffre_proto_rawDesc), len(file_coffre_v1_coffre_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   43,
+			NumMessages:   67,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -26,17 +26,24 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_CreateKeyring_FullMethodName    = "/coffre.v1.AdminService/CreateKeyring"
-	AdminService_GetKeyring_FullMethodName       = "/coffre.v1.AdminService/GetKeyring"
-	AdminService_ListKeyrings_FullMethodName     = "/coffre.v1.AdminService/ListKeyrings"
-	AdminService_RotateKeyring_FullMethodName    = "/coffre.v1.AdminService/RotateKeyring"
-	AdminService_SetKeyringPolicy_FullMethodName = "/coffre.v1.AdminService/SetKeyringPolicy"
-	AdminService_AddEKRoot_FullMethodName        = "/coffre.v1.AdminService/AddEKRoot"
-	AdminService_ListEKRoots_FullMethodName      = "/coffre.v1.AdminService/ListEKRoots"
-	AdminService_SetNodeClass_FullMethodName     = "/coffre.v1.AdminService/SetNodeClass"
-	AdminService_EnrollNode_FullMethodName       = "/coffre.v1.AdminService/EnrollNode"
-	AdminService_RevokeNode_FullMethodName       = "/coffre.v1.AdminService/RevokeNode"
-	AdminService_ListNodes_FullMethodName        = "/coffre.v1.AdminService/ListNodes"
+	AdminService_CreateKeyring_FullMethodName           = "/coffre.v1.AdminService/CreateKeyring"
+	AdminService_GetKeyring_FullMethodName              = "/coffre.v1.AdminService/GetKeyring"
+	AdminService_ListKeyrings_FullMethodName            = "/coffre.v1.AdminService/ListKeyrings"
+	AdminService_RotateKeyring_FullMethodName           = "/coffre.v1.AdminService/RotateKeyring"
+	AdminService_DisableKeyVersion_FullMethodName       = "/coffre.v1.AdminService/DisableKeyVersion"
+	AdminService_EnableKeyVersion_FullMethodName        = "/coffre.v1.AdminService/EnableKeyVersion"
+	AdminService_CancelKeyDestruction_FullMethodName    = "/coffre.v1.AdminService/CancelKeyDestruction"
+	AdminService_SetMinDecryptionVersion_FullMethodName = "/coffre.v1.AdminService/SetMinDecryptionVersion"
+	AdminService_SetRotationPeriod_FullMethodName       = "/coffre.v1.AdminService/SetRotationPeriod"
+	AdminService_RewrapEnvelope_FullMethodName          = "/coffre.v1.AdminService/RewrapEnvelope"
+	AdminService_ListEKRoots_FullMethodName             = "/coffre.v1.AdminService/ListEKRoots"
+	AdminService_ListNodes_FullMethodName               = "/coffre.v1.AdminService/ListNodes"
+	AdminService_Propose_FullMethodName                 = "/coffre.v1.AdminService/Propose"
+	AdminService_GetProposal_FullMethodName             = "/coffre.v1.AdminService/GetProposal"
+	AdminService_ListProposals_FullMethodName           = "/coffre.v1.AdminService/ListProposals"
+	AdminService_DecideProposal_FullMethodName          = "/coffre.v1.AdminService/DecideProposal"
+	AdminService_InitQuorum_FullMethodName              = "/coffre.v1.AdminService/InitQuorum"
+	AdminService_GetQuorum_FullMethodName               = "/coffre.v1.AdminService/GetQuorum"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -55,23 +62,38 @@ type AdminServiceClient interface {
 	// RotateKeyring adds a new KEK version and makes it the primary; older
 	// versions keep decrypting.
 	RotateKeyring(ctx context.Context, in *RotateKeyringRequest, opts ...grpc.CallOption) (*Keyring, error)
-	// SetKeyringPolicy sets who may receive the keyring's data keys.
-	SetKeyringPolicy(ctx context.Context, in *SetKeyringPolicyRequest, opts ...grpc.CallOption) (*KeyringPolicy, error)
-	// AddEKRoot adds a TPM manufacturer CA certificate to the pool that EK
-	// certificates must chain to.
-	AddEKRoot(ctx context.Context, in *AddEKRootRequest, opts ...grpc.CallOption) (*EKRoot, error)
+	// Lifecycle (NIST SP 800-57). Disabling, enabling, the minimum
+	// decryption version, the rotation period and cancelling a scheduled
+	// destruction are reversible and take one call; scheduling a
+	// destruction is a quorum proposal (Operation.schedule_key_destruction).
+	DisableKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	EnableKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	CancelKeyDestruction(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	SetMinDecryptionVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	SetRotationPeriod(ctx context.Context, in *SetRotationPeriodRequest, opts ...grpc.CallOption) (*Keyring, error)
+	// RewrapEnvelope moves an envelope to its keyring's primary version
+	// (bulk rewrap before old versions are retired). The data key never
+	// leaves the server, and the envelope stays in its keyring.
+	RewrapEnvelope(ctx context.Context, in *RewrapEnvelopeRequest, opts ...grpc.CallOption) (*RewrapEnvelopeResponse, error)
 	// ListEKRoots lists the EK CA pool.
 	ListEKRoots(ctx context.Context, in *ListEKRootsRequest, opts ...grpc.CallOption) (*ListEKRootsResponse, error)
-	// SetNodeClass creates or replaces a node class: the reference values
-	// (expected PCRs, event log) its nodes must match.
-	SetNodeClass(ctx context.Context, in *SetNodeClassRequest, opts ...grpc.CallOption) (*NodeClass, error)
-	// EnrollNode registers a machine by its EK certificate or pinned EK
-	// public key, with its class and labels.
-	EnrollNode(ctx context.Context, in *EnrollNodeRequest, opts ...grpc.CallOption) (*Node, error)
-	// RevokeNode revokes a node: its sessions end at once, its EK is refused.
-	RevokeNode(ctx context.Context, in *RevokeNodeRequest, opts ...grpc.CallOption) (*Node, error)
 	// ListNodes lists enrolled nodes.
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
+	// Sensitive operations are never run on one call: Propose records an
+	// Operation as a proposal identified by the SHA-256 of its canonical
+	// content, and it runs once M distinct admins have signed that hash
+	// (DecideProposal) before it expires.
+	Propose(ctx context.Context, in *ProposeRequest, opts ...grpc.CallOption) (*Proposal, error)
+	GetProposal(ctx context.Context, in *GetProposalRequest, opts ...grpc.CallOption) (*Proposal, error)
+	ListProposals(ctx context.Context, in *ListProposalsRequest, opts ...grpc.CallOption) (*ListProposalsResponse, error)
+	// DecideProposal records one admin's signed approval or rejection; the
+	// call that brings the approvals to M runs the operation and returns
+	// the proposal with its result.
+	DecideProposal(ctx context.Context, in *DecideProposalRequest, opts ...grpc.CallOption) (*Proposal, error)
+	// InitQuorum installs the first admin set and threshold; it works only
+	// once. Later changes are SetQuorum proposals.
+	InitQuorum(ctx context.Context, in *SetQuorumRequest, opts ...grpc.CallOption) (*Quorum, error)
+	GetQuorum(ctx context.Context, in *GetQuorumRequest, opts ...grpc.CallOption) (*Quorum, error)
 }
 
 type adminServiceClient struct {
@@ -122,20 +144,60 @@ func (c *adminServiceClient) RotateKeyring(ctx context.Context, in *RotateKeyrin
 	return out, nil
 }
 
-func (c *adminServiceClient) SetKeyringPolicy(ctx context.Context, in *SetKeyringPolicyRequest, opts ...grpc.CallOption) (*KeyringPolicy, error) {
+func (c *adminServiceClient) DisableKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(KeyringPolicy)
-	err := c.cc.Invoke(ctx, AdminService_SetKeyringPolicy_FullMethodName, in, out, cOpts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_DisableKeyVersion_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *adminServiceClient) AddEKRoot(ctx context.Context, in *AddEKRootRequest, opts ...grpc.CallOption) (*EKRoot, error) {
+func (c *adminServiceClient) EnableKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(EKRoot)
-	err := c.cc.Invoke(ctx, AdminService_AddEKRoot_FullMethodName, in, out, cOpts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_EnableKeyVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) CancelKeyDestruction(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_CancelKeyDestruction_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) SetMinDecryptionVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_SetMinDecryptionVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) SetRotationPeriod(ctx context.Context, in *SetRotationPeriodRequest, opts ...grpc.CallOption) (*Keyring, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_SetRotationPeriod_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) RewrapEnvelope(ctx context.Context, in *RewrapEnvelopeRequest, opts ...grpc.CallOption) (*RewrapEnvelopeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RewrapEnvelopeResponse)
+	err := c.cc.Invoke(ctx, AdminService_RewrapEnvelope_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -152,40 +214,70 @@ func (c *adminServiceClient) ListEKRoots(ctx context.Context, in *ListEKRootsReq
 	return out, nil
 }
 
-func (c *adminServiceClient) SetNodeClass(ctx context.Context, in *SetNodeClassRequest, opts ...grpc.CallOption) (*NodeClass, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(NodeClass)
-	err := c.cc.Invoke(ctx, AdminService_SetNodeClass_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-func (c *adminServiceClient) EnrollNode(ctx context.Context, in *EnrollNodeRequest, opts ...grpc.CallOption) (*Node, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(Node)
-	err := c.cc.Invoke(ctx, AdminService_EnrollNode_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-func (c *adminServiceClient) RevokeNode(ctx context.Context, in *RevokeNodeRequest, opts ...grpc.CallOption) (*Node, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(Node)
-	err := c.cc.Invoke(ctx, AdminService_RevokeNode_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
 func (c *adminServiceClient) ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListNodesResponse)
 	err := c.cc.Invoke(ctx, AdminService_ListNodes_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) Propose(ctx context.Context, in *ProposeRequest, opts ...grpc.CallOption) (*Proposal, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Proposal)
+	err := c.cc.Invoke(ctx, AdminService_Propose_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetProposal(ctx context.Context, in *GetProposalRequest, opts ...grpc.CallOption) (*Proposal, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Proposal)
+	err := c.cc.Invoke(ctx, AdminService_GetProposal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ListProposals(ctx context.Context, in *ListProposalsRequest, opts ...grpc.CallOption) (*ListProposalsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListProposalsResponse)
+	err := c.cc.Invoke(ctx, AdminService_ListProposals_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) DecideProposal(ctx context.Context, in *DecideProposalRequest, opts ...grpc.CallOption) (*Proposal, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Proposal)
+	err := c.cc.Invoke(ctx, AdminService_DecideProposal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) InitQuorum(ctx context.Context, in *SetQuorumRequest, opts ...grpc.CallOption) (*Quorum, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Quorum)
+	err := c.cc.Invoke(ctx, AdminService_InitQuorum_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetQuorum(ctx context.Context, in *GetQuorumRequest, opts ...grpc.CallOption) (*Quorum, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Quorum)
+	err := c.cc.Invoke(ctx, AdminService_GetQuorum_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -208,23 +300,38 @@ type AdminServiceServer interface {
 	// RotateKeyring adds a new KEK version and makes it the primary; older
 	// versions keep decrypting.
 	RotateKeyring(context.Context, *RotateKeyringRequest) (*Keyring, error)
-	// SetKeyringPolicy sets who may receive the keyring's data keys.
-	SetKeyringPolicy(context.Context, *SetKeyringPolicyRequest) (*KeyringPolicy, error)
-	// AddEKRoot adds a TPM manufacturer CA certificate to the pool that EK
-	// certificates must chain to.
-	AddEKRoot(context.Context, *AddEKRootRequest) (*EKRoot, error)
+	// Lifecycle (NIST SP 800-57). Disabling, enabling, the minimum
+	// decryption version, the rotation period and cancelling a scheduled
+	// destruction are reversible and take one call; scheduling a
+	// destruction is a quorum proposal (Operation.schedule_key_destruction).
+	DisableKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
+	EnableKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
+	CancelKeyDestruction(context.Context, *KeyVersionRequest) (*Keyring, error)
+	SetMinDecryptionVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
+	SetRotationPeriod(context.Context, *SetRotationPeriodRequest) (*Keyring, error)
+	// RewrapEnvelope moves an envelope to its keyring's primary version
+	// (bulk rewrap before old versions are retired). The data key never
+	// leaves the server, and the envelope stays in its keyring.
+	RewrapEnvelope(context.Context, *RewrapEnvelopeRequest) (*RewrapEnvelopeResponse, error)
 	// ListEKRoots lists the EK CA pool.
 	ListEKRoots(context.Context, *ListEKRootsRequest) (*ListEKRootsResponse, error)
-	// SetNodeClass creates or replaces a node class: the reference values
-	// (expected PCRs, event log) its nodes must match.
-	SetNodeClass(context.Context, *SetNodeClassRequest) (*NodeClass, error)
-	// EnrollNode registers a machine by its EK certificate or pinned EK
-	// public key, with its class and labels.
-	EnrollNode(context.Context, *EnrollNodeRequest) (*Node, error)
-	// RevokeNode revokes a node: its sessions end at once, its EK is refused.
-	RevokeNode(context.Context, *RevokeNodeRequest) (*Node, error)
 	// ListNodes lists enrolled nodes.
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
+	// Sensitive operations are never run on one call: Propose records an
+	// Operation as a proposal identified by the SHA-256 of its canonical
+	// content, and it runs once M distinct admins have signed that hash
+	// (DecideProposal) before it expires.
+	Propose(context.Context, *ProposeRequest) (*Proposal, error)
+	GetProposal(context.Context, *GetProposalRequest) (*Proposal, error)
+	ListProposals(context.Context, *ListProposalsRequest) (*ListProposalsResponse, error)
+	// DecideProposal records one admin's signed approval or rejection; the
+	// call that brings the approvals to M runs the operation and returns
+	// the proposal with its result.
+	DecideProposal(context.Context, *DecideProposalRequest) (*Proposal, error)
+	// InitQuorum installs the first admin set and threshold; it works only
+	// once. Later changes are SetQuorum proposals.
+	InitQuorum(context.Context, *SetQuorumRequest) (*Quorum, error)
+	GetQuorum(context.Context, *GetQuorumRequest) (*Quorum, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -247,26 +354,47 @@ func (UnimplementedAdminServiceServer) ListKeyrings(context.Context, *ListKeyrin
 func (UnimplementedAdminServiceServer) RotateKeyring(context.Context, *RotateKeyringRequest) (*Keyring, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateKeyring not implemented")
 }
-func (UnimplementedAdminServiceServer) SetKeyringPolicy(context.Context, *SetKeyringPolicyRequest) (*KeyringPolicy, error) {
-	return nil, status.Error(codes.Unimplemented, "method SetKeyringPolicy not implemented")
+func (UnimplementedAdminServiceServer) DisableKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method DisableKeyVersion not implemented")
 }
-func (UnimplementedAdminServiceServer) AddEKRoot(context.Context, *AddEKRootRequest) (*EKRoot, error) {
-	return nil, status.Error(codes.Unimplemented, "method AddEKRoot not implemented")
+func (UnimplementedAdminServiceServer) EnableKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method EnableKeyVersion not implemented")
+}
+func (UnimplementedAdminServiceServer) CancelKeyDestruction(context.Context, *KeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelKeyDestruction not implemented")
+}
+func (UnimplementedAdminServiceServer) SetMinDecryptionVersion(context.Context, *KeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetMinDecryptionVersion not implemented")
+}
+func (UnimplementedAdminServiceServer) SetRotationPeriod(context.Context, *SetRotationPeriodRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetRotationPeriod not implemented")
+}
+func (UnimplementedAdminServiceServer) RewrapEnvelope(context.Context, *RewrapEnvelopeRequest) (*RewrapEnvelopeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RewrapEnvelope not implemented")
 }
 func (UnimplementedAdminServiceServer) ListEKRoots(context.Context, *ListEKRootsRequest) (*ListEKRootsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListEKRoots not implemented")
 }
-func (UnimplementedAdminServiceServer) SetNodeClass(context.Context, *SetNodeClassRequest) (*NodeClass, error) {
-	return nil, status.Error(codes.Unimplemented, "method SetNodeClass not implemented")
-}
-func (UnimplementedAdminServiceServer) EnrollNode(context.Context, *EnrollNodeRequest) (*Node, error) {
-	return nil, status.Error(codes.Unimplemented, "method EnrollNode not implemented")
-}
-func (UnimplementedAdminServiceServer) RevokeNode(context.Context, *RevokeNodeRequest) (*Node, error) {
-	return nil, status.Error(codes.Unimplemented, "method RevokeNode not implemented")
-}
 func (UnimplementedAdminServiceServer) ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListNodes not implemented")
+}
+func (UnimplementedAdminServiceServer) Propose(context.Context, *ProposeRequest) (*Proposal, error) {
+	return nil, status.Error(codes.Unimplemented, "method Propose not implemented")
+}
+func (UnimplementedAdminServiceServer) GetProposal(context.Context, *GetProposalRequest) (*Proposal, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetProposal not implemented")
+}
+func (UnimplementedAdminServiceServer) ListProposals(context.Context, *ListProposalsRequest) (*ListProposalsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListProposals not implemented")
+}
+func (UnimplementedAdminServiceServer) DecideProposal(context.Context, *DecideProposalRequest) (*Proposal, error) {
+	return nil, status.Error(codes.Unimplemented, "method DecideProposal not implemented")
+}
+func (UnimplementedAdminServiceServer) InitQuorum(context.Context, *SetQuorumRequest) (*Quorum, error) {
+	return nil, status.Error(codes.Unimplemented, "method InitQuorum not implemented")
+}
+func (UnimplementedAdminServiceServer) GetQuorum(context.Context, *GetQuorumRequest) (*Quorum, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetQuorum not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -361,38 +489,110 @@ func _AdminService_RotateKeyring_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
-func _AdminService_SetKeyringPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(SetKeyringPolicyRequest)
+func _AdminService_DisableKeyVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyVersionRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(AdminServiceServer).SetKeyringPolicy(ctx, in)
+		return srv.(AdminServiceServer).DisableKeyVersion(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: AdminService_SetKeyringPolicy_FullMethodName,
+		FullMethod: AdminService_DisableKeyVersion_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServiceServer).SetKeyringPolicy(ctx, req.(*SetKeyringPolicyRequest))
+		return srv.(AdminServiceServer).DisableKeyVersion(ctx, req.(*KeyVersionRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
 
-func _AdminService_AddEKRoot_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(AddEKRootRequest)
+func _AdminService_EnableKeyVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyVersionRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(AdminServiceServer).AddEKRoot(ctx, in)
+		return srv.(AdminServiceServer).EnableKeyVersion(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: AdminService_AddEKRoot_FullMethodName,
+		FullMethod: AdminService_EnableKeyVersion_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServiceServer).AddEKRoot(ctx, req.(*AddEKRootRequest))
+		return srv.(AdminServiceServer).EnableKeyVersion(ctx, req.(*KeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_CancelKeyDestruction_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).CancelKeyDestruction(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_CancelKeyDestruction_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).CancelKeyDestruction(ctx, req.(*KeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_SetMinDecryptionVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).SetMinDecryptionVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_SetMinDecryptionVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).SetMinDecryptionVersion(ctx, req.(*KeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_SetRotationPeriod_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRotationPeriodRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).SetRotationPeriod(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_SetRotationPeriod_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).SetRotationPeriod(ctx, req.(*SetRotationPeriodRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_RewrapEnvelope_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RewrapEnvelopeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RewrapEnvelope(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RewrapEnvelope_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RewrapEnvelope(ctx, req.(*RewrapEnvelopeRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -415,60 +615,6 @@ func _AdminService_ListEKRoots_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
-func _AdminService_SetNodeClass_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(SetNodeClassRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(AdminServiceServer).SetNodeClass(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: AdminService_SetNodeClass_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServiceServer).SetNodeClass(ctx, req.(*SetNodeClassRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
-func _AdminService_EnrollNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(EnrollNodeRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(AdminServiceServer).EnrollNode(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: AdminService_EnrollNode_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServiceServer).EnrollNode(ctx, req.(*EnrollNodeRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
-func _AdminService_RevokeNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(RevokeNodeRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(AdminServiceServer).RevokeNode(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: AdminService_RevokeNode_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServiceServer).RevokeNode(ctx, req.(*RevokeNodeRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
 func _AdminService_ListNodes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListNodesRequest)
 	if err := dec(in); err != nil {
@@ -483,6 +629,114 @@ func _AdminService_ListNodes_Handler(srv interface{}, ctx context.Context, dec f
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServiceServer).ListNodes(ctx, req.(*ListNodesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_Propose_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ProposeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).Propose(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_Propose_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).Propose(ctx, req.(*ProposeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetProposal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetProposalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetProposal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetProposal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetProposal(ctx, req.(*GetProposalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ListProposals_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListProposalsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ListProposals(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ListProposals_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ListProposals(ctx, req.(*ListProposalsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_DecideProposal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DecideProposalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).DecideProposal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_DecideProposal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).DecideProposal(ctx, req.(*DecideProposalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_InitQuorum_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetQuorumRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).InitQuorum(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_InitQuorum_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).InitQuorum(ctx, req.(*SetQuorumRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetQuorum_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetQuorumRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetQuorum(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetQuorum_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetQuorum(ctx, req.(*GetQuorumRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -511,32 +765,60 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _AdminService_RotateKeyring_Handler,
 		},
 		{
-			MethodName: "SetKeyringPolicy",
-			Handler:    _AdminService_SetKeyringPolicy_Handler,
+			MethodName: "DisableKeyVersion",
+			Handler:    _AdminService_DisableKeyVersion_Handler,
 		},
 		{
-			MethodName: "AddEKRoot",
-			Handler:    _AdminService_AddEKRoot_Handler,
+			MethodName: "EnableKeyVersion",
+			Handler:    _AdminService_EnableKeyVersion_Handler,
+		},
+		{
+			MethodName: "CancelKeyDestruction",
+			Handler:    _AdminService_CancelKeyDestruction_Handler,
+		},
+		{
+			MethodName: "SetMinDecryptionVersion",
+			Handler:    _AdminService_SetMinDecryptionVersion_Handler,
+		},
+		{
+			MethodName: "SetRotationPeriod",
+			Handler:    _AdminService_SetRotationPeriod_Handler,
+		},
+		{
+			MethodName: "RewrapEnvelope",
+			Handler:    _AdminService_RewrapEnvelope_Handler,
 		},
 		{
 			MethodName: "ListEKRoots",
 			Handler:    _AdminService_ListEKRoots_Handler,
 		},
 		{
-			MethodName: "SetNodeClass",
-			Handler:    _AdminService_SetNodeClass_Handler,
-		},
-		{
-			MethodName: "EnrollNode",
-			Handler:    _AdminService_EnrollNode_Handler,
-		},
-		{
-			MethodName: "RevokeNode",
-			Handler:    _AdminService_RevokeNode_Handler,
-		},
-		{
 			MethodName: "ListNodes",
 			Handler:    _AdminService_ListNodes_Handler,
+		},
+		{
+			MethodName: "Propose",
+			Handler:    _AdminService_Propose_Handler,
+		},
+		{
+			MethodName: "GetProposal",
+			Handler:    _AdminService_GetProposal_Handler,
+		},
+		{
+			MethodName: "ListProposals",
+			Handler:    _AdminService_ListProposals_Handler,
+		},
+		{
+			MethodName: "DecideProposal",
+			Handler:    _AdminService_DecideProposal_Handler,
+		},
+		{
+			MethodName: "InitQuorum",
+			Handler:    _AdminService_InitQuorum_Handler,
+		},
+		{
+			MethodName: "GetQuorum",
+			Handler:    _AdminService_GetQuorum_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

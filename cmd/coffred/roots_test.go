@@ -1,0 +1,82 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/coffre-kms/coffre/hsm"
+	"github.com/coffre-kms/coffre/hsm/hsmtest"
+	"github.com/coffre-kms/coffre/hsm/pkcs11"
+)
+
+// TestOpenRoots: hsm.second_root makes the server's root a dual root over
+// both keys, and hsm.previous_roots are opened beside it.
+func TestOpenRoots(t *testing.T) {
+	s := hsmtest.NewSoftHSM(t)
+	pinA, pinB := s.NewToken(t, "vendor-a"), s.NewToken(t, "vendor-b")
+	uriA, uriB, uriOld := s.RootURI("vendor-a", "root", pinA), s.RootURI("vendor-b", "root", pinB), s.RootURI("vendor-a", "old", pinA)
+	ctx := context.Background()
+	for _, uri := range []string{uriA, uriB, uriOld} {
+		r, err := pkcs11.CreateRoot(ctx, pkcs11.Config{URI: uri})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	closeAll := func(closers []func() error) {
+		for _, c := range closers {
+			if err := c(); err != nil {
+				t.Errorf("close: %v", err)
+			}
+		}
+	}
+
+	root, previous, closers, err := openRoots(ctx, HSMConfig{RootKey: uriA, SecondRoot: uriB, PreviousRoots: []string{uriOld, uriA}, Sessions: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(closers) != 4 {
+		t.Errorf("%d closers for 4 keys", len(closers))
+	}
+	if want := "dual(pkcs11:token=vendor-a;object=root,pkcs11:token=vendor-b;object=root)"; root.ID() != want {
+		t.Errorf("root ID %q, want %q", root.ID(), want)
+	}
+	if len(previous) != 2 || previous[0].ID() != "pkcs11:token=vendor-a;object=old" || previous[1].ID() != "pkcs11:token=vendor-a;object=root" {
+		t.Errorf("previous roots %v", previous)
+	}
+	key := bytes.Repeat([]byte{1}, 32)
+	w, err := root.Wrap(ctx, key, []byte("aad"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := root.Unwrap(ctx, w, []byte("aad")); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("dual round trip: %v", err)
+	}
+	if _, err := previous[1].Unwrap(ctx, w, []byte("aad")); !errors.Is(err, hsm.ErrUnwrap) {
+		t.Errorf("vendor A's key alone unwrapped a dual blob: %v", err)
+	}
+	closeAll(closers)
+
+	// A previous root that is not there: the error names the field, and
+	// what was opened before it is returned for closing.
+	_, _, closers, err = openRoots(ctx, HSMConfig{RootKey: uriA, PreviousRoots: []string{s.RootURI("vendor-b", "gone", pinB)}})
+	if !errors.Is(err, hsm.ErrKeyNotFound) || !strings.Contains(err.Error(), "hsm.previous_roots[0]") {
+		t.Errorf("missing previous root: %v", err)
+	}
+	if len(closers) != 1 {
+		t.Errorf("%d closers after a failure, want 1", len(closers))
+	}
+	closeAll(closers)
+
+	// A missing second root likewise.
+	_, _, closers, err = openRoots(ctx, HSMConfig{RootKey: uriA, SecondRoot: s.RootURI("vendor-b", "gone", pinB)})
+	if !errors.Is(err, hsm.ErrKeyNotFound) || !strings.Contains(err.Error(), "hsm.second_root") {
+		t.Errorf("missing second root: %v", err)
+	}
+	closeAll(closers)
+}
