@@ -8,7 +8,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 
 	"github.com/coffre-kms/coffre/cmd/internal/adminkey"
@@ -17,18 +16,6 @@ import (
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/kms/identity"
 )
-
-// adminKDFParams returns the Argon2id parameters of new admin key files:
-// the defaults, or the minimum when COFFRE_TEST_FAST_KDF=1 so that golden
-// scripts stay fast (the same switch as the other key-file commands; it is
-// announced on stderr, and every file records its own parameters).
-func adminKDFParams(stderr io.Writer) keyfile.Params {
-	if os.Getenv("COFFRE_TEST_FAST_KDF") == "1" {
-		fmt.Fprintln(stderr, "coffrectl: warning: COFFRE_TEST_FAST_KDF=1: the key file uses the minimum Argon2id cost (tests only)")
-		return keyfile.MinParams
-	}
-	return keyfile.DefaultParams
-}
 
 func adminKeyCommands() []*command {
 	var name, out, passFile, token string
@@ -94,7 +81,7 @@ func keygenFile(e *env, name, out, passFile string) (err error) {
 		return err
 	}
 	defer clear(pass)
-	file, pub, err := adminkey.Generate(name, pass, adminKDFParams(e.stderr))
+	file, pub, err := adminkey.Generate(name, pass, kdfParams())
 	if err != nil {
 		return err
 	}

@@ -23,15 +23,20 @@ import (
 // 32-byte X-Wing seed, encrypted under a passphrase (cmd/internal/keyfile).
 const transferKeyPEM = "COFFRE TRANSFER KEY"
 
-// kdfParams are the Argon2id parameters of new key files. Tests set
-// COFFRE_TEST_FAST_KDF=1 for the minimum ones; every file records its own
-// parameters, so opening a file never depends on this.
+// kdfParams are the Argon2id parameters of new key files (admin, custodian
+// and transfer keys): always keyfile.DefaultParams in the binary. Only the
+// test binary lowers them, through testKDF, so that golden scripts stay
+// fast; no flag or environment variable can weaken them. Every file records
+// its own parameters, so opening a file never depends on this.
 func kdfParams() keyfile.Params {
-	if os.Getenv("COFFRE_TEST_FAST_KDF") == "1" {
-		return keyfile.MinParams
+	if testKDF != nil {
+		return *testKDF
 	}
 	return keyfile.DefaultParams
 }
+
+// testKDF is set by the test binary's TestMain, never by coffrectl itself.
+var testKDF *keyfile.Params
 
 // backupCommands are the offline halves of the data-embassy backup: the DR
 // site's transfer key, reading a backup's header, and importing it into
@@ -75,9 +80,6 @@ func backupCommands() []*command {
 				seed := k.Seed()
 				defer clear(seed)
 				p := kdfParams()
-				if p != keyfile.DefaultParams {
-					fmt.Fprintln(e.stderr, "warning: COFFRE_TEST_FAST_KDF=1: the key file uses the weakest passphrase KDF (tests only)")
-				}
 				file, err := keyfile.Encrypt(transferKeyPEM, seed, pass, p)
 				if err != nil {
 					return err

@@ -28,7 +28,6 @@ func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
 // inspect it, import it into a bbolt store (twice: the second is a no-op),
 // and refuse it under a wrong passphrase or an untrusted signer.
 func TestBackupImportCLI(t *testing.T) {
-	t.Setenv("COFFRE_TEST_FAST_KDF", "1")
 	dir := t.TempDir()
 	ctx := context.Background()
 	pass := filepath.Join(dir, "pass")

@@ -24,7 +24,7 @@ import (
 const custodianPEMType = "COFFRE CUSTODIAN KEY"
 
 // New custodian key files get kdfParams() (backup.go): the Argon2id
-// defaults, or keyfile.MinParams under COFFRE_TEST_FAST_KDF=1 in tests.
+// defaults (only the test binary lowers them).
 
 func custodianCommands() []*command {
 	var out, passFile string

@@ -100,7 +100,7 @@ func gatedCall(ctx context.Context, e *env, op *coffrev1.Operation, result proto
 func finish(e *env, p *coffrev1.Proposal, result proto.Message) error {
 	switch p.GetState() {
 	case quorum.StateExecuted:
-		fmt.Fprintf(e.stderr, "proposal %s executed (%s)\n", short(p.GetId()), approvalCount(p))
+		fmt.Fprintf(e.stderr, "proposal %s executed (%s approvals)\n", short(p.GetId()), approvalCount(p))
 		if result == nil || len(p.GetResult()) == 0 {
 			return printProposal(e.stdout, p, e.g.json)
 		}
@@ -115,7 +115,7 @@ func finish(e *env, p *coffrev1.Proposal, result proto.Message) error {
 			return err
 		}
 		if p.GetState() == quorum.StatePending {
-			fmt.Fprintf(e.stderr, "proposal %s needs %s; each other officer runs: coffrectl proposal approve %s\n",
+			fmt.Fprintf(e.stderr, "proposal %s has %s approvals; each other officer runs: coffrectl proposal approve %s\n",
 				short(p.GetId()), approvalCount(p), short(p.GetId()))
 		}
 		return nil
@@ -136,7 +136,7 @@ func approvalCount(p *coffrev1.Proposal) string {
 			n++
 		}
 	}
-	return fmt.Sprintf("%d of %d approvals", n, p.GetThreshold())
+	return fmt.Sprintf("%d of %d", n, p.GetThreshold())
 }
 
 func printProposal(w io.Writer, p *coffrev1.Proposal, asJSON bool) error {
@@ -241,7 +241,7 @@ func proposalCommands() []*command {
 				fmt.Fprintln(tw, "ID\tKIND\tSTATE\tAPPROVALS\tEXPIRES\tPROPOSER")
 				for _, p := range resp.GetProposals() {
 					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(p.GetId()), p.GetKind(), p.GetState(),
-						strings.TrimSuffix(approvalCount(p), " approvals"), stamp(p.GetExpireTime().AsTime()), p.GetProposer())
+						approvalCount(p), stamp(p.GetExpireTime().AsTime()), p.GetProposer())
 				}
 				return tw.Flush()
 			},

@@ -4,16 +4,21 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"regexp"
 	"testing"
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 
 	"github.com/coffre-kms/coffre/cmd/internal/devtest"
+	"github.com/coffre-kms/coffre/cmd/internal/keyfile"
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 )
 
 func TestMain(m *testing.M) {
+	// Key files made by the tests use the cheapest Argon2id cost the
+	// format accepts: a test-binary-only setting (see kdfParams).
+	testKDF = &keyfile.MinParams
 	testscript.Main(m, map[string]func(){
 		"coffrectl": func() {
 			os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
@@ -27,6 +32,9 @@ func TestMain(m *testing.M) {
 // has after `. var/dev/env`.
 func TestScripts(t *testing.T) {
 	env := devtest.Start(t).Env
+	// A server of its own for quorum.txtar, which hands the dev quorum
+	// over to three officers: the other scripts keep the 1-of-1 dev one.
+	qenv := devtest.Start(t).Env
 
 	// A second, empty token for the ceremony script, in its own SoftHSM.
 	hs := hsmtest.NewSoftHSM(t)
@@ -42,6 +50,20 @@ func TestScripts(t *testing.T) {
 	testscript.Run(t, testscript.Params{
 		Dir: "testdata",
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			// capture VAR REGEXP: set VAR to the first group of REGEXP in
+			// the last command's stdout (a proposal id, say).
+			"capture": func(ts *testscript.TestScript, neg bool, args []string) {
+				if neg || len(args) != 2 {
+					ts.Fatalf("usage: capture VAR REGEXP")
+				}
+				re, err := regexp.Compile("(?m)" + args[1])
+				ts.Check(err)
+				m := re.FindStringSubmatch(ts.ReadFile("stdout"))
+				if len(m) < 2 {
+					ts.Fatalf("capture: %q does not match stdout", args[1])
+				}
+				ts.Setenv(args[0], m[1])
+			},
 			// sleep DURATION: wait for something the server does on a
 			// timer, such as publishing an audit checkpoint.
 			"sleep": func(ts *testscript.TestScript, neg bool, args []string) {
@@ -56,6 +78,9 @@ func TestScripts(t *testing.T) {
 		Setup: func(e *testscript.Env) error {
 			for k, v := range env {
 				e.Setenv(k, v)
+			}
+			for k, v := range qenv {
+				e.Setenv("Q_"+k, v)
 			}
 			e.Setenv("ADDR", env["COFFRE_ADDR"])
 			e.Setenv("ROOT2", root2)
