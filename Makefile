@@ -73,6 +73,15 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzOpenSessionSealed$$' -fuzztime $${FUZZTIME:-30s} ./attest/agent/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseEntry$$' -fuzztime $${FUZZTIME:-30s} ./kms/audit/
 	$(GO) test -run '^$$' -fuzz '^FuzzScanEntries$$' -fuzztime $${FUZZTIME:-30s} ./kms/audit/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseContent$$' -fuzztime $${FUZZTIME:-30s} ./kms/quorum/
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePublicKey$$' -fuzztime $${FUZZTIME:-30s} ./kms/identity/
+	$(GO) test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime $${FUZZTIME:-30s} ./kms/identity/
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePublicKey$$' -fuzztime $${FUZZTIME:-30s} ./kms/seal/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseShare$$' -fuzztime $${FUZZTIME:-30s} ./kms/ceremony/
+	$(GO) test -run '^$$' -fuzz '^FuzzOpenBackup$$' -fuzztime $${FUZZTIME:-30s} ./kms/
+	$(GO) test -run '^$$' -fuzz '^FuzzInspectBackup$$' -fuzztime $${FUZZTIME:-30s} ./kms/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRecord$$' -fuzztime $${FUZZTIME:-30s} ./kms/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $${FUZZTIME:-30s} ./cmd/internal/adminkey/
 
 proto: ## regenerate proto/ with the generators pinned in go.mod
 	protoc -I proto \

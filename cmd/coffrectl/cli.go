@@ -191,12 +191,19 @@ func usage(w io.Writer, cs []*command, prefix string) {
 	fmt.Fprintln(w, "Usage: coffrectl COMMAND [flags] [arguments]")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Commands:")
+	width := 0
+	for _, c := range cs {
+		width = max(width, len(c.path+" "+c.args))
+	}
 	for _, c := range cs {
 		if prefix != "" && !strings.HasPrefix(c.path, prefix+" ") {
 			continue
 		}
-		fmt.Fprintf(w, "  %-36s %s\n", c.path+" "+c.args, c.summary)
+		fmt.Fprintf(w, "  %-*s %s\n", width, c.path+" "+c.args, c.summary)
 	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Quorum approvals are signed with --admin-key (COFFRE_ADMIN_KEY), its passphrase read from")
+	fmt.Fprint(w, "--admin-passphrase-file (COFFRE_ADMIN_PASSPHRASE_FILE) or the terminal.")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Every command takes --help. Server commands read COFFRE_ADDR, COFFRE_CA, COFFRE_CERT")
 	fmt.Fprintln(w, "and COFFRE_KEY (. var/dev/env sets them for the dev server); flags override them.")

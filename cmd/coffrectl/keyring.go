@@ -137,8 +137,6 @@ func printMessage(w io.Writer, m proto.Message, asJSON bool) error {
 		return printProposal(w, m, false)
 	case *coffrev1.Quorum:
 		return printQuorum(w, m)
-	case *coffrev1.ExportBackupResponse:
-		return writeBackup(w, m)
 	case *coffrev1.RootRotation:
 		fmt.Fprintf(w, "root       %s\nkeyrings   %d\nrewrapped  %d KEK versions\n", m.GetRootId(), m.GetKeyrings(), m.GetVersionsRewrapped())
 	case *coffrev1.DestroyRootResponse:

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -148,6 +147,9 @@ func lifecycleCommands() []*command {
 				if err != nil {
 					return fmt.Errorf("--to: %w", err)
 				}
+				if _, err := os.Lstat(out); err == nil {
+					return fmt.Errorf("--out: %s exists; refusing to overwrite it", out)
+				}
 				return withBackupOut(e, out, func(e *env) error {
 					return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_ExportBackup{ExportBackup: &coffrev1.ExportBackupRequest{To: key}}}, &coffrev1.ExportBackupResponse{})
 				})
@@ -174,25 +176,14 @@ func readKeyLine(v, prefix string) (string, error) {
 	return "", fmt.Errorf("%s holds no %s key line", v, prefix)
 }
 
-// backupOut is where an executed backup.export is written; printMessage
-// writes the backup there instead of printing it.
+// backupOut is where an executed backup.export is written (--out of backup
+// export, or of the proposal approve that executes it).
 var backupOut string
 
 func withBackupOut(e *env, path string, f func(*env) error) error {
 	backupOut = path
 	defer func() { backupOut = "" }()
 	return f(e)
-}
-
-func writeBackup(w io.Writer, m *coffrev1.ExportBackupResponse) error {
-	if backupOut == "" {
-		return errors.New("the backup was exported but no --out names where to write it")
-	}
-	if err := atomicfile.WriteFile(backupOut, m.GetBackup(), 0o600); err != nil {
-		return err
-	}
-	fmt.Fprintf(w, "backup  %s (%d bytes)\n", backupOut, len(m.GetBackup()))
-	return nil
 }
 
 // rewrapLine is one envelope of keyring rewrap's input and output.

@@ -107,6 +107,9 @@ func finish(e *env, p *coffrev1.Proposal, result proto.Message) error {
 		if err := protojson.Unmarshal(p.GetResult(), result); err != nil {
 			return fmt.Errorf("proposal %s executed, but its result does not parse: %w", short(p.GetId()), err)
 		}
+		if b, ok := result.(*coffrev1.ExportBackupResponse); ok {
+			return writeExportedBackup(e, backupOut, b.GetBackup())
+		}
 		return printMessage(e.stdout, result, e.g.json)
 	case quorum.StateFailed:
 		return fmt.Errorf("proposal %s was approved but the operation failed: %s", short(p.GetId()), p.GetError())
@@ -172,12 +175,18 @@ func proposalCommands() []*command {
 		state     string
 		threshold int
 		admins    = mapFlag{}
+		out       string
 	)
 	decideCmd := func(decision string) *command {
 		return &command{
 			path: "proposal " + decision, args: "ID", nargs: 1,
 			summary: "Sign and send your " + decision + " of a proposal (ID or a unique prefix), after checking that its content hashes to its id.",
+			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&out, "out", "", "`FILE` to write an exported backup to, if this decision executes a backup export")
+			},
 			run: func(ctx context.Context, e *env, args []string) error {
+				backupOut = out
+				defer func() { backupOut = "" }()
 				c, closeConn, err := adminClient(e.g)
 				if err != nil {
 					return err
