@@ -46,11 +46,15 @@ func lifecycleCommands() []*command {
 	return []*command{
 		versionCall("keyring disable", "Disable a KEK version: it neither encrypts nor decrypts until enabled again.",
 			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
-				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) { return c.DisableKeyVersion(ctx, r) }
+				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+					return c.DisableKeyVersion(ctx, r)
+				}
 			}),
 		versionCall("keyring enable", "Enable a disabled KEK version again.",
 			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
-				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) { return c.EnableKeyVersion(ctx, r) }
+				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+					return c.EnableKeyVersion(ctx, r)
+				}
 			}),
 		versionCall("keyring cancel-deletion", "Cancel a scheduled destruction; the version comes back disabled. Use --version 0 for a whole keyring.",
 			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {

@@ -71,8 +71,8 @@ func KeyringFromProto(p *coffrev1.Keyring) (*kms.Keyring, error) {
 			return nil, fmt.Errorf("keyring %q version %d: %w", p.GetId(), v.GetVersion(), err)
 		}
 		k.Versions = append(k.Versions, kms.KeyVersion{
-			Version:    v.GetVersion(),
-			State:      st,
+			Version:     v.GetVersion(),
+			State:       st,
 			CreateTime:  timeFromProto(v.GetCreateTime()),
 			RootID:      v.GetRootId(),
 			DestroyTime: timeFromProto(v.GetDestroyTime()),

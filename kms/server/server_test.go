@@ -65,7 +65,7 @@ type fixture struct {
 	serverCA *testCA
 	admin    tls.Certificate
 	log      *syncBuffer
-	events *eventLog
+	events   *eventLog
 	// gatedAdmin is the 1-of-1 quorum's admin, once installed.
 	gatedAdmin *admintest.Gated
 }
