@@ -16,6 +16,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
@@ -312,8 +313,8 @@ func adminSeedAAD(label string, id, edPub []byte) []byte {
 	var b bytes.Buffer
 	b.WriteString(adminApplication)
 	for _, f := range [][]byte{[]byte(label), id, edPub} {
-		b.WriteByte(byte(len(f) >> 8))
-		b.WriteByte(byte(len(f)))
+		// Labels, ids and keys are far below 64 KiB.
+		b.Write(binary.BigEndian.AppendUint16(nil, uint16(min(len(f), 0xffff)))) // #nosec G115 -- bounded by min
 		b.Write(f)
 	}
 	return b.Bytes()
