@@ -1,8 +1,11 @@
 package pkcs11
 
-// This file is the seam between Coffre and github.com/miekg/pkcs11: it is the
-// only file in Coffre that imports it. Everything above it speaks in terms of
-// module, session, tokenInfo and objectHandle.
+// This file is the seam between Coffre and github.com/miekg/pkcs11 for root
+// keys: everything above it speaks in terms of module, session, tokenInfo
+// and objectHandle. Package pkcs11 is the only package in Coffre that
+// imports the vendor client; besides this file, import.go (creating a root
+// from bytes) and adminkey.go (EdDSA signing and data objects for admin
+// keys on smartcards) use it directly.
 
 import (
 	"encoding/binary"
