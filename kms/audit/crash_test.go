@@ -135,10 +135,10 @@ func TestCrashKill9(t *testing.T) {
 
 func TestTornTailReported(t *testing.T) {
 	for name, garbage := range map[string][]byte{
-		"partial length":   {0, 0},
+		"partial length":   {0, 1},
 		"partial record":   {0, 0, 0, 50, '{', '"'},
 		"bad length":       {0xff, 0xff, 0xff, 0xff, 1, 2, 3},
-		"zero length":      {0, 0, 0, 0},
+		"zero length":      {0, 0, 0, 0, 'x'}, // zeros then data: not padding
 		"not an entry":     append([]byte{0, 0, 0, 5}, "hello"...),
 		"wrong next index": nil, // filled below
 	} {
@@ -184,8 +184,9 @@ func testTornTail(t *testing.T, dir string, garbage []byte) {
 		!strings.Contains(out, fmt.Sprintf("bytes_dropped=%d", len(garbage))) {
 		t.Fatalf("torn tail not reported: %s", out)
 	}
+	// The records are kept; zeros after them are space allocated ahead.
 	after, _ := os.ReadFile(path)
-	if string(after) != string(before) {
+	if string(bytes.TrimRight(after, "\x00")) != string(before) {
 		t.Fatalf("entries file not truncated to the last whole entry: %d bytes, want %d", len(after), len(before))
 	}
 	saved, _ := filepath.Glob(filepath.Join(dir, fmt.Sprintf("entries.torn-%d-*", len(before))))
@@ -395,5 +396,60 @@ func TestTornCheckpointAndCosignature(t *testing.T) {
 	}
 	if rep, err := VerifyDir(dir, testSigner(t).Verifier()); err != nil || rep.Entries != 5 || rep.Origin != opts.Origin {
 		t.Fatalf("VerifyDir: %+v, %v", rep, err)
+	}
+}
+
+// TestPaddingIsCleanEnd: zeros after the records — space allocated ahead,
+// which a crash leaves behind — are not a torn tail; zeros followed by
+// data are.
+func TestPaddingIsCleanEnd(t *testing.T) {
+	dir := t.TempDir()
+	l := openTestLog(t, testOptions(t, dir))
+	appendN(t, l, 5)
+	path := filepath.Join(dir, entriesFile)
+	// The extender works in the background: wait for it (bounded).
+	var open os.FileInfo
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var err error
+		if open, err = os.Stat(path); err != nil {
+			t.Fatal(err)
+		}
+		if open.Size() >= defaultPreallocate || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	closed, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if open.Size() <= closed.Size() {
+		t.Errorf("open log's file is %d bytes, closed %d: nothing was allocated ahead", open.Size(), closed.Size())
+	}
+	records, _ := os.ReadFile(path)
+	if len(records) == 0 || records[len(records)-1] == 0 {
+		t.Fatal("a closed log ends in padding")
+	}
+	for i, pad := range []int{1, 3, 4, 5, 1 << 20} {
+		if err := os.WriteFile(path, append(bytes.Clone(records), make([]byte, pad)...), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var logs logBuffer
+		opts := testOptions(t, dir)
+		opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+		l := openTestLog(t, opts)
+		if l.Recovered() != 0 || l.Size() != uint64(5+i) || strings.Contains(logs.String(), "torn") {
+			t.Fatalf("%d bytes of padding: recovered %d, size %d, log %s", pad, l.Recovered(), l.Size(), logs.String())
+		}
+		appendN(t, l, 1)
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := VerifyDir(dir, testSigner(t).Verifier()); err != nil {
+			t.Fatalf("%d bytes of padding: %v", pad, err)
+		}
+		records, _ = os.ReadFile(path)
 	}
 }

@@ -67,7 +67,22 @@ type Options struct {
 	// logged. Entries already in the log when it is opened count as
 	// replicated. Nil: no replication.
 	Replicator Replicator
+	// Preallocate is how far ahead of its records the entries file is
+	// extended with zeros, and synced, in the background (default 4 MiB;
+	// negative: never). Appends that land in that space need only
+	// fdatasync, not a metadata commit: this is what keeps the fsync of
+	// group commit, and so the latency of every audited call, short. The
+	// space counts as used on disk: a full disk is noticed that much
+	// later, and the log stays writable until it is used.
+	Preallocate int64
 }
+
+// defaultPreallocate is Options.Preallocate's default; extendStep is the
+// most the extender adds at once.
+const (
+	defaultPreallocate = 4 << 20
+	extendStep         = 1 << 20
+)
 
 // Record is one entry as stored: its index, canonical bytes and parsed form.
 type Record struct {
@@ -124,11 +139,17 @@ type Log struct {
 	// simulate an unwritable log (see failWritesForTest).
 	openEntries func() (*os.File, error)
 
-	mu        sync.RWMutex
-	wf        *os.File // write handle, used by the committer and the probe
-	tree      *tree
-	offsets   []int64 // offsets[i]: where record i starts
-	end       int64   // end of the durable records
+	mu      sync.RWMutex
+	wf      *os.File // write handle, used by the committer and the probe
+	tree    *tree
+	offsets []int64 // offsets[i]: where record i starts
+	end     int64   // end of the durable records
+	// alloc is how much of the entries file is allocated and durable
+	// (its synced size): writes below it need only fdatasync. extMu
+	// orders the extender's zero-filling with writes beyond alloc.
+	alloc     int64
+	extMu     sync.Mutex
+	extendSig chan struct{}
 	grown     chan struct{}
 	failed    error // non-nil: ErrUnavailable wrapping the cause
 	latest    Checkpoint
@@ -193,6 +214,9 @@ func Open(opts Options) (*Log, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.Preallocate == 0 {
+		opts.Preallocate = defaultPreallocate
+	}
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -207,6 +231,7 @@ func Open(opts Options) (*Log, error) {
 		grown:      make(chan struct{}),
 		qsig:       make(chan struct{}, 1),
 		cpTrigger:  make(chan struct{}, 1),
+		extendSig:  make(chan struct{}, 1),
 		stopCommit: make(chan struct{}),
 		stop:       make(chan struct{}),
 		commitDone: make(chan struct{}),
@@ -252,6 +277,16 @@ func Open(opts Options) (*Log, error) {
 	if err := l.cutTornTail(); err != nil {
 		return nil, err
 	}
+	// Whatever size the file has now is durable once synced: the records
+	// and any zeros allocated before.
+	if err := l.wf.Sync(); err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if fi, err := l.wf.Stat(); err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	} else {
+		l.alloc = fi.Size()
+	}
 	if l.cpEnd, err = l.repairRecords(l.cpf, checkpointsFile); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
@@ -267,9 +302,11 @@ func Open(opts Options) (*Log, error) {
 		}
 	}
 	ok = true
-	l.wg.Add(1)
+	l.wg.Add(2)
 	go l.checkpointer()
+	go l.extender()
 	go l.committer()
+	l.wantExtent()
 	return l, nil
 }
 
@@ -350,6 +387,8 @@ func (l *Log) saveTorn(off, n int64) (string, error) {
 	if _, err := l.rf.ReadAt(b, off); err != nil && err != io.EOF {
 		return "", err
 	}
+	// Zeros after the torn record are space allocated ahead, not data.
+	b = bytes.TrimRight(b, "\x00")
 	name := filepath.Join(l.opts.Dir, fmt.Sprintf("entries.torn-%d-%d", off, l.opts.Now().UnixNano()))
 	if err := os.WriteFile(name, b, 0o600); err != nil {
 		return "", err
@@ -516,11 +555,7 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 			payloads[k] = payload // a slice of buf: cloned below once buf stops growing
 		}
 	}
-	_, err := wf.WriteAt(buf, off)
-	if err == nil {
-		l.fsyncs.Add(1)
-		err = wf.Sync()
-	}
+	err := l.write(wf, buf, off)
 	if err != nil {
 		ferr := l.fail(err)
 		for _, r := range batch {
@@ -567,6 +602,113 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 	return buf
 }
 
+// write writes one batch at off and makes it durable. Inside the space
+// allocated ahead only the data needs flushing (fdatasync); beyond it the
+// file grows, and a full fsync commits its new size too.
+func (l *Log) write(wf *os.File, buf []byte, off int64) error {
+	need := off + int64(len(buf))
+	l.mu.RLock()
+	alloc := l.alloc
+	l.mu.RUnlock()
+	if need <= alloc {
+		if _, err := wf.WriteAt(buf, off); err != nil {
+			return err
+		}
+		l.fsyncs.Add(1)
+		if err := datasync(wf); err != nil {
+			return err
+		}
+		if need+l.opts.Preallocate/2 > alloc {
+			l.wantExtent()
+		}
+		return nil
+	}
+	l.extMu.Lock()
+	defer l.extMu.Unlock()
+	if _, err := wf.WriteAt(buf, off); err != nil {
+		return err
+	}
+	l.fsyncs.Add(1)
+	if err := wf.Sync(); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	if l.wf == wf && need > l.alloc {
+		l.alloc = need
+	}
+	l.mu.Unlock()
+	l.wantExtent()
+	return nil
+}
+
+func (l *Log) wantExtent() {
+	if l.opts.Preallocate <= 0 {
+		return
+	}
+	select {
+	case l.extendSig <- struct{}{}:
+	default:
+	}
+}
+
+// extender keeps Options.Preallocate bytes of zeros, synced, ahead of the
+// records, off the append path. It writes only at or beyond alloc, holding
+// extMu, and appends write beyond alloc only holding extMu, so zeros never
+// land on a record.
+func (l *Log) extender() {
+	defer l.wg.Done()
+	zeros := make([]byte, 256<<10)
+	var failedAt time.Time
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-l.extendSig:
+		}
+		if !failedAt.IsZero() && time.Since(failedAt) < time.Second {
+			continue // a full disk: do not write and give back on every append
+		}
+		l.extMu.Lock()
+		l.mu.RLock()
+		wf, end, alloc, failed := l.wf, l.end, l.alloc, l.failed
+		l.mu.RUnlock()
+		if failed != nil || end+l.opts.Preallocate/2 <= alloc {
+			l.extMu.Unlock()
+			continue
+		}
+		// Grow in steps of at most 1 MiB: each step's sync is short, so
+		// it delays the appends' own flushes little.
+		target := min(end+l.opts.Preallocate, alloc+extendStep)
+		var err error
+		for off := alloc; off < target && err == nil; off += int64(len(zeros)) {
+			_, err = wf.WriteAt(zeros[:min(int64(len(zeros)), target-off)], off)
+		}
+		if err == nil {
+			err = wf.Sync()
+		}
+		if err == nil {
+			l.mu.Lock()
+			if l.wf == wf && target > l.alloc {
+				l.alloc = target
+			}
+			l.mu.Unlock()
+			l.wantExtent() // until Preallocate is ahead
+			failedAt = time.Time{}
+		} else {
+			failedAt = time.Now()
+			// No room, or an I/O error: give back what was written (no
+			// record lies beyond alloc: extMu is held), so that a full
+			// disk shows at the next append, which then grows the file
+			// itself and fails closed if it cannot.
+			if terr := wf.Truncate(alloc); terr != nil {
+				err = errors.Join(err, terr)
+			}
+			l.log.Debug("audit log: allocating ahead failed", "err", err)
+		}
+		l.extMu.Unlock()
+	}
+}
+
 // fail puts the log in the failed state and starts the probe.
 func (l *Log) fail(cause error) error {
 	err := fmt.Errorf("%w: %w", ErrUnavailable, cause)
@@ -598,6 +740,7 @@ func (l *Log) probe() {
 			return
 		case <-t.C:
 		}
+		l.extMu.Lock()
 		l.mu.RLock()
 		end := l.end
 		l.mu.RUnlock()
@@ -613,14 +756,18 @@ func (l *Log) probe() {
 			}
 		}
 		if err != nil {
+			l.extMu.Unlock()
 			l.log.Debug("audit log still unwritable", "err", err)
 			continue
 		}
 		l.mu.Lock()
 		old := l.wf
 		l.wf = f
+		l.alloc = end
 		l.failed = nil
 		l.mu.Unlock()
+		l.extMu.Unlock()
+		l.wantExtent()
 		_ = old.Close()
 		l.log.Info("audit log writable again; appends resume", "size", l.Size())
 		return
@@ -952,6 +1099,17 @@ func (l *Log) Close() error {
 		l.mu.RUnlock()
 		if failed == nil {
 			l.closeErr = l.publish()
+			// A closed log holds its records only: the space allocated
+			// ahead is given back (a crash leaves it, and Open reads it
+			// as padding).
+			l.mu.RLock()
+			wf, end := l.wf, l.end
+			l.mu.RUnlock()
+			if err := wf.Truncate(end); err == nil {
+				l.closeErr = errors.Join(l.closeErr, wf.Sync())
+			} else {
+				l.closeErr = errors.Join(l.closeErr, err)
+			}
 		}
 		l.closeErr = errors.Join(l.closeErr, l.closeFiles())
 	})

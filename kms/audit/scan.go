@@ -2,6 +2,7 @@ package audit
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -10,7 +11,11 @@ import (
 
 // The entries file is a sequence of records, each a 4-byte big-endian
 // length n (1 ≤ n ≤ MaxEntrySize) followed by n bytes: one entry in its
-// canonical encoding, whose Index is the record's position from 0.
+// canonical encoding, whose Index is the record's position from 0. The
+// records may be followed by zero bytes up to the end of the file: space
+// the log allocated ahead (see Options.Preallocate), where the next
+// records will be written. A zero length followed by anything but zeros is
+// not padding but a torn or altered record.
 //
 // The checkpoints and cosignatures files use the same framing around a
 // signed note.
@@ -47,6 +52,12 @@ func (e *indexError) Error() string {
 // after the last whole record, and a *tornError if the stream ends in a
 // partial or bad record (nil at a clean end), or fn's error.
 func scanRecords(r io.Reader, maxLen int, fn func(off int64, rec []byte) error) (int64, error) {
+	return scanFramed(r, maxLen, false, fn)
+}
+
+// scanFramed is scanRecords; with padding, zero bytes from a record
+// boundary to the end of the stream are a clean end.
+func scanFramed(r io.Reader, maxLen int, padding bool, fn func(off int64, rec []byte) error) (int64, error) {
 	br := bufio.NewReaderSize(r, 1<<16)
 	var off int64
 	var hdr [recHeader]byte
@@ -56,6 +67,9 @@ func scanRecords(r io.Reader, maxLen int, fn func(off int64, rec []byte) error) 
 		if err == io.EOF {
 			return off, nil
 		}
+		if err == io.ErrUnexpectedEOF && padding && !bytes.ContainsFunc(hdr[:n], func(r rune) bool { return r != 0 }) {
+			return off, nil // zeros to the end, fewer than a header
+		}
 		if err == io.ErrUnexpectedEOF {
 			return off, &tornError{off, fmt.Sprintf("partial length prefix (%d bytes)", n)}
 		}
@@ -63,6 +77,13 @@ func scanRecords(r io.Reader, maxLen int, fn func(off int64, rec []byte) error) 
 			return off, err
 		}
 		l := binary.BigEndian.Uint32(hdr[:])
+		if l == 0 && padding {
+			if zero, err := allZero(br); err != nil {
+				return off, err
+			} else if zero {
+				return off, nil
+			}
+		}
 		if l == 0 || int64(l) > int64(maxLen) {
 			return off, &tornError{off, fmt.Sprintf("bad record length %d", l)}
 		}
@@ -88,7 +109,7 @@ func scanRecords(r io.Reader, maxLen int, fn func(off int64, rec []byte) error) 
 // *tornError reports a bad tail (a partial record or a record that does not
 // parse); an *indexError reports a well-formed entry out of place.
 func scanEntries(r io.Reader, fn func(i uint64, off int64, raw []byte, e *Entry) error) (n uint64, end int64, err error) {
-	end, err = scanRecords(r, MaxEntrySize, func(off int64, raw []byte) error {
+	end, err = scanFramed(r, MaxEntrySize, true, func(off int64, raw []byte) error {
 		e, err := ParseEntry(raw)
 		if err != nil {
 			return &tornError{off, err.Error()}
@@ -105,6 +126,25 @@ func scanEntries(r io.Reader, fn func(i uint64, off int64, raw []byte, e *Entry)
 		return nil
 	})
 	return n, end, err
+}
+
+// allZero reads r to its end and reports whether every byte was zero.
+func allZero(r io.Reader) (bool, error) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		for _, c := range buf[:n] {
+			if c != 0 {
+				return false, nil
+			}
+		}
+		if err == io.EOF {
+			return true, nil
+		}
+		if err != nil {
+			return false, err
+		}
+	}
 }
 
 func appendRecord(dst, payload []byte) []byte {
