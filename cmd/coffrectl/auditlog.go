@@ -1,16 +1,20 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 	"io"
 	"os"
+	"path/filepath"
+	"strings"
 	"text/tabwriter"
+
+	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
@@ -22,6 +26,7 @@ func auditCommands() []*command {
 		follow                        bool
 		last                          uint64
 		dir, verifierFile, witnessKey string
+		verifierFiles                 listFlag
 		storeSpec, prefix, node       string
 		etcdCA, etcdCert, etcdKey     string
 		stateFile, keyName, keyOut    string
@@ -90,66 +95,81 @@ func auditCommands() []*command {
 		},
 		{
 			path: "audit verify", args: "", nargs: 0,
-			summary: "Verify an audit log offline — a node's directory (--dir), or its copy replicated to etcd (--store, --node): recompute the Merkle tree, check the checkpoints' signatures and consistency. Exits 1 naming the first bad entry.",
+			summary: "Verify audit logs offline — a node's directory (--dir), or the copies every node replicated to etcd (--store; --node for one): entries contiguous and canonical, checkpoint signatures, and every retained checkpoint's root against the entries (no fork). With --dir, --store and --node, also that the local log and its replicated copy agree. Exits 1 naming the first bad node or entry.",
 			flags: func(fs *flag.FlagSet) {
-				fs.StringVar(&storeSpec, "store", "", "verify the copy a node replicated to `etcd:URL[,URL…]` instead of a directory")
+				fs.StringVar(&storeSpec, "store", "", "verify the copies replicated to `etcd:URL[,URL…]` (every node under audit/, or --node's)")
 				fs.StringVar(&prefix, "prefix", "/coffre/", "with --store: the deployment's key `PREFIX` (coffred's store.prefix)")
-				fs.StringVar(&node, "node", "", "with --store: the node's `ID` (its audit.node_id)")
+				fs.StringVar(&node, "node", "", "with --store: only this node's `ID` (its audit.node_id); with --dir too, compare the two copies")
 				fs.StringVar(&etcdCA, "etcd-ca", "", "with --store: CA `FILE` of the etcd members")
 				fs.StringVar(&etcdCert, "etcd-cert", "", "with --store: client certificate `FILE` for etcd")
 				fs.StringVar(&etcdKey, "etcd-key", "", "with --store: client key `FILE` for etcd")
 				fs.StringVar(&dir, "dir", os.Getenv("COFFRE_AUDIT_DIR"), "the audit log `DIR` (env COFFRE_AUDIT_DIR)")
-				fs.StringVar(&verifierFile, "verifier", os.Getenv("COFFRE_AUDIT_VERIFIER"), "the log's checkpoint verifier key `FILE` (env COFFRE_AUDIT_VERIFIER)")
+				verifierFiles = nil
+				fs.Var(&verifierFiles, "verifier", "a trusted checkpoint verifier key `FILE`, or a DIR of *.pub files; repeat for several nodes' keys (env COFFRE_AUDIT_VERIFIER)")
 			},
 			run: func(ctx context.Context, e *env, _ []string) error {
-				v, err := loadVerifier(verifierFile)
+				if len(verifierFiles) == 0 {
+					if env := os.Getenv("COFFRE_AUDIT_VERIFIER"); env != "" {
+						verifierFiles = listFlag{env}
+					}
+				}
+				keys, err := loadVerifiers(verifierFiles)
 				if err != nil {
 					return err
 				}
-				var rep *audit.Report
-				where := dir
-				switch {
-				case storeSpec != "":
-					if node == "" {
-						return fmt.Errorf("%w: --node is required with --store", errUsage)
+				if storeSpec == "" {
+					if dir == "" {
+						return fmt.Errorf("%w: --dir or --store is required", errUsage)
 					}
-					tlsCfg, err := etcdTLS(etcdCA, etcdCert, etcdKey)
-					if err != nil {
+					return verifyLocalAudit(e, dir, keys)
+				}
+				if dir != "" && node == "" {
+					return fmt.Errorf("%w: --dir with --store needs --node (the node whose directory it is)", errUsage)
+				}
+				tlsCfg, err := etcdTLS(etcdCA, etcdCert, etcdKey)
+				if err != nil {
+					return err
+				}
+				st, err := openEtcdFlag(ctx, "--store", storeSpec, prefix, tlsCfg)
+				if err != nil {
+					return err
+				}
+				defer st.Close()
+				var results []kms.AuditReplicaResult
+				if node != "" {
+					rep, err := kms.VerifyReplicatedAudit(ctx, st, node, keys.verifiers)
+					var re *kms.AuditReplicaError
+					if err != nil && !errors.As(err, &re) {
 						return err
 					}
-					st, err := openEtcdFlag(ctx, "--store", storeSpec, prefix, tlsCfg)
-					if err != nil {
+					results = []kms.AuditReplicaResult{{Node: node, Report: rep, Err: err}}
+				} else {
+					if results, err = kms.VerifyReplicatedAudits(ctx, st, keys.verifiers); err != nil {
 						return err
 					}
-					defer st.Close()
-					where = "node " + node + " (replicated)"
-					entries, err := kms.ReadReplicatedAudit(ctx, st, node)
-					if err != nil {
-						return fmt.Errorf("audit log %s does not verify: %w", where, err)
+					if len(results) == 0 {
+						return fmt.Errorf("no node has replicated an audit log under audit/ in %s (prefix %s)", storeSpec, prefix)
 					}
-					note, err := kms.ReplicatedAuditCheckpoint(ctx, st, node)
-					if err != nil {
-						return fmt.Errorf("audit log %s has no checkpoint: %w", where, err)
-					}
-					if rep, err = audit.VerifyEntries(entries, node, note, v); err != nil {
-						return verifyErr(where, err)
-					}
-				case dir != "":
-					var err error
-					if rep, err = audit.VerifyDir(dir, v); err != nil {
-						return verifyErr(where, err)
-					}
-				default:
-					return fmt.Errorf("%w: --dir or --store is required", errUsage)
 				}
-				if e.g.json {
-					return json.NewEncoder(e.stdout).Encode(map[string]any{
-						"entries": rep.Entries, "checkpoints": rep.Checkpoints, "checkpoint_size": rep.LastSize,
-						"checkpoint_root": base64.StdEncoding.EncodeToString(rep.LastRoot), "root": base64.StdEncoding.EncodeToString(rep.Root),
-					})
+				var firstBad error
+				failed := 0
+				for _, r := range results {
+					if r.Err != nil {
+						failed++
+						if firstBad == nil {
+							firstBad = r.Err
+						}
+					}
+					if err := printReplicaResult(e, r, keys); err != nil {
+						return err
+					}
 				}
-				fmt.Fprintf(e.stdout, "audit log of %s verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s\n",
-					where, rep.Entries, rep.Checkpoints, rep.LastSize, base64.StdEncoding.EncodeToString(rep.Root))
+				if firstBad != nil {
+					return fmt.Errorf("replicated audit log does not verify: %w (%d of %d nodes failed)", firstBad, failed, len(results))
+				}
+				if dir != "" {
+					return compareLocalAudit(e, dir, keys, results[0].Report)
+				}
 				return nil
 			},
 		},
@@ -370,4 +390,142 @@ func verifyErr(where string, err error) error {
 		return fmt.Errorf("audit log %s does not verify: checkpoint: %s", where, ve.Reason)
 	}
 	return err
+}
+
+// trustedKeys are the checkpoint verifier keys given to audit verify, with
+// the file each came from (to say which one verified a node).
+type trustedKeys struct {
+	verifiers []*audit.Verifier
+	files     []string
+}
+
+// loadVerifiers reads each --verifier: a key file, or a directory whose
+// *.pub files are keys.
+func loadVerifiers(paths []string) (trustedKeys, error) {
+	var k trustedKeys
+	if len(paths) == 0 {
+		return k, fmt.Errorf("%w: --verifier is required (a log's public checkpoint key, or a directory of them; dev: var/dev/audit-verifier.pub)", errUsage)
+	}
+	for _, p := range paths {
+		files := []string{p}
+		if fi, err := os.Stat(p); err == nil && fi.IsDir() {
+			des, err := os.ReadDir(p)
+			if err != nil {
+				return k, fmt.Errorf("--verifier: %w", err)
+			}
+			files = files[:0]
+			for _, de := range des {
+				if !de.IsDir() && strings.HasSuffix(de.Name(), ".pub") {
+					files = append(files, filepath.Join(p, de.Name()))
+				}
+			}
+			if len(files) == 0 {
+				return k, fmt.Errorf("--verifier %s: the directory holds no *.pub key", p)
+			}
+		}
+		for _, f := range files {
+			v, err := loadVerifier(f)
+			if err != nil {
+				return k, err
+			}
+			k.verifiers = append(k.verifiers, v)
+			k.files = append(k.files, f)
+		}
+	}
+	return k, nil
+}
+
+// verifyLocalAudit verifies a log directory with the first trusted key
+// that verifies its checkpoints; if none does, the error is the first
+// key's.
+func verifyLocalAudit(e *env, dir string, keys trustedKeys) error {
+	var firstErr error
+	for i, v := range keys.verifiers {
+		rep, err := audit.VerifyDir(dir, v)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = verifyErr(dir, err)
+			}
+			continue
+		}
+		if e.g.json {
+			return json.NewEncoder(e.stdout).Encode(map[string]any{
+				"entries": rep.Entries, "checkpoints": rep.Checkpoints, "checkpoint_size": rep.LastSize,
+				"checkpoint_root": base64.StdEncoding.EncodeToString(rep.LastRoot), "root": base64.StdEncoding.EncodeToString(rep.Root),
+				"key": v.Name(), "key_file": keys.files[i],
+			})
+		}
+		fmt.Fprintf(e.stdout, "audit log of %s verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s, key %s (%s)\n",
+			dir, rep.Entries, rep.Checkpoints, rep.LastSize, base64.StdEncoding.EncodeToString(rep.Root), v.Name(), keys.files[i])
+		return nil
+	}
+	return firstErr
+}
+
+// printReplicaResult prints one node's line (or JSON object).
+func printReplicaResult(e *env, r kms.AuditReplicaResult, keys trustedKeys) error {
+	b64 := base64.StdEncoding.EncodeToString
+	if e.g.json {
+		m := map[string]any{"node": r.Node, "ok": r.Err == nil}
+		if r.Err != nil {
+			m["error"] = r.Err.Error()
+		} else {
+			rep := r.Report
+			m["origin"], m["entries"], m["checkpoints"] = rep.Origin, rep.Entries, rep.Checkpoints
+			m["checkpoint_size"], m["checkpoint_root"], m["root"] = rep.LatestSize, b64(rep.LatestRoot), b64(rep.Root)
+			m["key"], m["key_file"] = keys.verifiers[rep.Verifier].Name(), keys.files[rep.Verifier]
+		}
+		return json.NewEncoder(e.stdout).Encode(m)
+	}
+	if r.Err != nil {
+		why := r.Err.Error()
+		var re *kms.AuditReplicaError
+		if errors.As(r.Err, &re) {
+			why = re.Detail
+		}
+		_, err := fmt.Fprintf(e.stdout, "audit log of node %s (replicated) FAILED: %s\n", r.Node, why)
+		return err
+	}
+	rep := r.Report
+	_, err := fmt.Fprintf(e.stdout, "audit log of node %s (replicated) verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s, key %s (%s)\n",
+		rep.Node, rep.Entries, rep.Checkpoints, rep.LatestSize, b64(rep.Root), keys.verifiers[rep.Verifier].Name(), keys.files[rep.Verifier])
+	return err
+}
+
+// compareLocalAudit verifies the node's local log directory with the key
+// that verified its replicated copy, then checks that the two agree on
+// their common prefix. Without reading the local entries only two roots
+// of the local log are known (at its size, and at its latest
+// checkpoint's), so when the local log is ahead of the replica the prefix
+// is compared at the local latest checkpoint, if the replica reaches it.
+func compareLocalAudit(e *env, dir string, keys trustedKeys, rr *kms.AuditReplicaReport) error {
+	v := keys.verifiers[rr.Verifier]
+	rep, err := audit.VerifyDir(dir, v)
+	if err != nil {
+		return verifyErr(dir, err)
+	}
+	b64 := base64.StdEncoding.EncodeToString
+	size, want := rep.Entries, rep.Root
+	if size > rr.Entries {
+		size, want = rep.LastSize, rep.LastRoot
+	}
+	if size > rr.Entries {
+		return fmt.Errorf("audit log of %s: its latest checkpoint (size %d) is ahead of the %d entries node %s replicated: entries acknowledged locally were never replicated",
+			dir, rep.LastSize, rr.Entries, rr.Node)
+	}
+	got, err := rr.RootAt(size)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, want) {
+		return fmt.Errorf("audit log of %s and the copy node %s replicated FORK: at size %d the local root is %s, the replicated %s",
+			dir, rr.Node, size, b64(want), b64(got))
+	}
+	if e.g.json {
+		return json.NewEncoder(e.stdout).Encode(map[string]any{"node": rr.Node, "dir": dir, "local_entries": rep.Entries,
+			"replicated_entries": rr.Entries, "compared_size": size, "root": b64(want)})
+	}
+	fmt.Fprintf(e.stdout, "audit log of %s (%d entries) agrees with the copy node %s replicated (%d entries) on the first %d entries, root %s\n",
+		dir, rep.Entries, rr.Node, rr.Entries, size, b64(want))
+	return nil
 }

@@ -148,10 +148,10 @@ func TestAuditVerifyReplica(t *testing.T) {
 	}
 	out.Reset()
 	errOut.Reset()
-	if code := run(ctx, args, &out, &errOut); code != exitError || !strings.Contains(errOut.String(), "does not verify: entry 0") {
+	if code := run(ctx, args, &out, &errOut); code != exitError || !strings.Contains(errOut.String(), `does not verify: node "node-1": fork at size`) {
 		t.Fatalf("verify of an altered replica: exit %d: %s%s", code, out.String(), errOut.String())
 	}
-	if code := run(ctx, []string{"audit", "verify", "--store", "etcd:x", "--verifier", pub}, &out, &errOut); code != exitUsage {
-		t.Fatalf("--store without --node: exit %d", code)
+	if code := run(ctx, []string{"audit", "verify", "--store", "etcd:x", "--dir", t.TempDir(), "--verifier", pub}, &out, &errOut); code != exitUsage {
+		t.Fatalf("--store and --dir without --node: exit %d", code)
 	}
 }
