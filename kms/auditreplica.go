@@ -112,7 +112,50 @@ func (e *AuditReplicaError) Error() string {
 // Unwrap returns Kind.
 func (e *AuditReplicaError) Unwrap() error { return e.Kind }
 
-var _ audit.Replicator = StoreAuditReplica{}
+var (
+	_ audit.Replicator      = StoreAuditReplica{}
+	_ audit.ReplicatedSizer = StoreAuditReplica{}
+)
+
+// ReplicatedSize implements audit.ReplicatedSizer: the last batch's first
+// index plus its length. It reads one key when the store can find the last
+// key under a prefix (store.LastKeyer, both Coffre engines), else it lists
+// the node's batches.
+func (r StoreAuditReplica) ReplicatedSize(ctx context.Context, node string) (uint64, error) {
+	prefix, err := auditPrefix(node)
+	if err != nil {
+		return 0, err
+	}
+	var last store.KV
+	if lk, ok := r.Store.(store.LastKeyer); ok {
+		last, err = lk.Last(ctx, prefix+"entries/")
+		if errors.Is(err, store.ErrNotFound) {
+			return 0, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+	} else {
+		kvs, err := r.Store.List(ctx, prefix+"entries/")
+		if err != nil {
+			return 0, err
+		}
+		if len(kvs) == 0 {
+			return 0, nil
+		}
+		last = kvs[len(kvs)-1]
+	}
+	name := strings.TrimPrefix(last.Key, prefix+"entries/")
+	first, err := strconv.ParseUint(name, 10, 64)
+	if err != nil || len(name) != 20 {
+		return 0, fmt.Errorf("kms: audit replica: unexpected key %q", last.Key)
+	}
+	entries, err := decodeAuditBatch(last.Value)
+	if err != nil {
+		return 0, fmt.Errorf("kms: audit replica: %s: %w", last.Key, err)
+	}
+	return first + uint64(len(entries)), nil
+}
 
 // auditBatchVersion is the first byte of a batch value.
 const auditBatchVersion = 1

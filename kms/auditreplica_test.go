@@ -710,3 +710,80 @@ func FuzzDecodeRecent(f *testing.F) {
 		}
 	})
 }
+
+// TestAuditReplicaCatchUp: entries a node wrote but did not replicate
+// before it stopped (here: written while the log had no replicator, as a
+// node does when it dies between its local fsync and the replica write)
+// are replicated when the log opens again, before any new append is
+// acknowledged; a replica holding more than the local log (a local log
+// restored from an old copy) refuses appends.
+func TestAuditReplicaCatchUp(t *testing.T) {
+	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	ctx := context.Background()
+	signer, err := audit.GenerateSigner("n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "audit")
+	open := func(replica bool) *audit.Log {
+		opts := audit.Options{Dir: dir, Node: "n1", Origin: "coffre.test/n1", Signer: signer,
+			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		if replica {
+			opts.Replicator = StoreAuditReplica{Store: st}
+		}
+		l, err := audit.Open(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	l := open(true)
+	appendAudit(t, l, "replicated", 5)
+	l.Close()
+	l = open(false)
+	appendAudit(t, l, "local-only", 3)
+	l.Close()
+	if n, err := (StoreAuditReplica{Store: st}).ReplicatedSize(ctx, "n1"); err != nil || n != 5 {
+		t.Fatalf("before catch-up the replica holds %d entries (%v), want 5", n, err)
+	}
+
+	l = open(true)
+	defer l.Close()
+	if err := l.Healthy(); err != nil {
+		t.Fatalf("after catch-up: %v", err)
+	}
+	if n, err := (StoreAuditReplica{Store: st}).ReplicatedSize(ctx, "n1"); err != nil || n != 8 {
+		t.Fatalf("after catch-up the replica holds %d entries (%v), want 8", n, err)
+	}
+	appendAudit(t, l, "after", 1)
+	if _, err := l.PublishCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := ReadReplicatedAudit(ctx, st, "n1")
+	if err != nil || len(entries) != 9 {
+		t.Fatalf("replicated log: %d entries, %v", len(entries), err)
+	}
+	res, err := VerifyReplicatedAudit(ctx, st, "n1", []*audit.Verifier{signer.Verifier()})
+	if err != nil {
+		t.Fatalf("verify after catch-up: %v", err)
+	}
+	if res.Entries != 9 {
+		t.Fatalf("verified %d entries", res.Entries)
+	}
+
+	// The node's disk is replaced by an empty one, under the same id: the
+	// replica is ahead, and appends are refused rather than forking.
+	l2, err := audit.Open(audit.Options{Dir: filepath.Join(t.TempDir(), "audit2"), Node: "n1", Origin: "coffre.test/n1",
+		Signer: signer, Replicator: StoreAuditReplica{Store: st}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	if _, err := l2.Append(ctx, &audit.Entry{Time: time.Now(), Actor: audit.Actor{Kind: audit.ActorSystem, ID: "t"}, Operation: "x", Decision: audit.Allow}); !errors.Is(err, audit.ErrReplicaAhead) {
+		t.Fatalf("append with the replica ahead: %v, want ErrReplicaAhead", err)
+	}
+}

@@ -176,6 +176,7 @@ type Log struct {
 	rmu         sync.Mutex
 	pending     [][]byte // canonical bytes of entries replicated..size-1
 	replicated  uint64   // entries below this index are replicated
+	needCatchUp bool     // a ReplicatedSizer's answer is still awaited (rmu)
 	replFailed  error    // non-nil: ErrUnavailable wrapping the replication error
 	replProbing atomic.Bool
 	cpRemote    uint64 // size of the latest checkpoint published remotely (cpMu)
@@ -261,6 +262,11 @@ func Open(opts Options) (*Log, error) {
 		return nil, err
 	}
 	l.replicated = l.tree.size()
+	if _, sizer := opts.Replicator.(ReplicatedSizer); sizer {
+		// Unknown until the replica says (catchUp, below): nothing counts
+		// as replicated, so no checkpoint is published ahead of it.
+		l.replicated, l.needCatchUp = 0, true
+	}
 	cpPath := filepath.Join(opts.Dir, checkpointsFile)
 	if l.cpf, err = os.OpenFile(cpPath, os.O_RDWR|os.O_CREATE, 0o600); err != nil { // #nosec G304 -- path from configuration
 		return nil, fmt.Errorf("audit: %w", err)
@@ -299,6 +305,18 @@ func Open(opts Options) (*Log, error) {
 	if l.latest.Note == nil {
 		if err := l.publish(); err != nil {
 			return nil, fmt.Errorf("audit: first checkpoint: %w", err)
+		}
+	}
+	if l.needCatchUp {
+		l.rmu.Lock()
+		err := l.catchUp()
+		if err == nil {
+			err = l.replicatePending()
+		}
+		l.rmu.Unlock()
+		if err != nil {
+			// Appends fail fast until the probe has caught up.
+			l.failReplication(err)
 		}
 	}
 	ok = true

@@ -24,6 +24,54 @@ type Replicator interface {
 	PublishCheckpoint(ctx context.Context, node string, note []byte) error
 }
 
+// ReplicatedSizer is implemented by Replicators that can tell how many of a
+// node's entries they hold (contiguous from index 0). With one, [Open]
+// catches up: entries the node wrote before it stopped but had not
+// replicated (their callers were never answered) are replicated before any
+// new append is acknowledged; without it, entries already in the log when
+// it is opened count as replicated.
+type ReplicatedSizer interface {
+	ReplicatedSize(ctx context.Context, node string) (uint64, error)
+}
+
+// ErrReplicaAhead means the replica holds more of this node's entries than
+// its local log: the local log lost acknowledged entries (restored from an
+// old copy, say). Appending would fork the node's history, so the log
+// refuses appends until an operator decides (see docs/deployment.md).
+var ErrReplicaAhead = fmt.Errorf("%w: the replica holds more of this node's entries than its local log", ErrTampered)
+
+// catchUp learns how much of the local log the replica holds and makes the
+// rest pending. The caller holds l.rmu; l.needCatchUp says it is still to
+// do.
+func (l *Log) catchUp() error {
+	rs := l.opts.Replicator.(ReplicatedSizer)
+	ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
+	n, err := rs.ReplicatedSize(ctx, l.opts.Node)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("%w: replication: how much of the log the replica holds: %w", ErrUnavailable, err)
+	}
+	size := l.Size()
+	switch {
+	case n > size:
+		return fmt.Errorf("%w (%d entries there, %d here)", ErrReplicaAhead, n, size)
+	case n < size:
+		recs, err := l.Read(context.Background(), n, int(size-n)) // #nosec G115 -- bounded by the log's size
+		if err != nil {
+			return err
+		}
+		l.pending = make([][]byte, 0, len(recs))
+		for _, r := range recs {
+			l.pending = append(l.pending, r.Raw)
+		}
+		l.log.Warn("audit log: entries written but not replicated before the last stop: replicating them first",
+			"from", n, "to", size-1)
+	}
+	l.replicated = n
+	l.needCatchUp = false
+	return nil
+}
+
 // replicationTimeout bounds one Replicate or PublishCheckpoint call.
 var replicationTimeout = 5 * time.Second
 
@@ -83,7 +131,13 @@ func (l *Log) replProbe() {
 		case <-t.C:
 		}
 		l.rmu.Lock()
-		err := l.replicatePending()
+		var err error
+		if l.needCatchUp {
+			err = l.catchUp()
+		}
+		if err == nil {
+			err = l.replicatePending()
+		}
 		if err == nil {
 			l.mu.Lock()
 			l.replFailed = nil

@@ -469,6 +469,38 @@ func (b *Bolt) List(ctx context.Context, prefix string) ([]KV, error) {
 	return out, nil
 }
 
+// Last implements LastKeyer.
+func (b *Bolt) Last(ctx context.Context, prefix string) (KV, error) {
+	if err := CheckPrefix(prefix); err != nil {
+		return KV{}, err
+	}
+	var out KV
+	err := b.view(ctx, func(tx *bolt.Tx) error {
+		p := []byte(prefix)
+		c := tx.Bucket(boltDataBucket).Cursor()
+		// The first key after every key with the prefix: the prefix with
+		// its last byte incremented (prefixes are printable, never 0xff).
+		var k, raw []byte
+		if len(p) == 0 {
+			k, raw = c.Last()
+		} else {
+			upper := append(bytes.Clone(p[:len(p)-1]), p[len(p)-1]+1)
+			if k, raw = c.Seek(upper); k == nil {
+				k, raw = c.Last()
+			} else {
+				k, raw = c.Prev()
+			}
+		}
+		if k == nil || !bytes.HasPrefix(k, p) {
+			return ErrNotFound
+		}
+		var err error
+		out, err = decodeEntry(k, raw)
+		return err
+	})
+	return out, err
+}
+
 // Revision returns the store's global revision: the revision of its last
 // successful write, 0 for a new store.
 func (b *Bolt) Revision(ctx context.Context) (int64, error) {

@@ -354,6 +354,28 @@ func (e *Etcd) List(ctx context.Context, prefix string) ([]KV, error) {
 	return out, nil
 }
 
+// Last implements LastKeyer: one range read, sorted descending, limit 1.
+func (e *Etcd) Last(ctx context.Context, prefix string) (KV, error) {
+	if err := CheckPrefix(prefix); err != nil {
+		return KV{}, err
+	}
+	rctx, cancel, err := e.begin(ctx)
+	if err != nil {
+		return KV{}, err
+	}
+	defer cancel()
+	resp, err := e.cli.Get(rctx, e.key(prefix), clientv3.WithPrefix(),
+		clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(1))
+	if err != nil {
+		return KV{}, e.wrap(ctx, "last", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return KV{}, ErrNotFound
+	}
+	kv := resp.Kvs[0]
+	return e.kv(kv.Key, kv.Value, kv.ModRevision), nil
+}
+
 // Watch reports changes under prefix made after it returns, in revision
 // order, until ctx ends; the channel is then closed.
 //

@@ -182,3 +182,11 @@ type Store interface {
 	// Close releases the engine; later calls return ErrClosed.
 	Close() error
 }
+
+// LastKeyer is implemented by stores that can return the last key under a
+// prefix (in byte order) without reading the others: the audit replica
+// uses it at start to learn how much of a node's log it holds.
+type LastKeyer interface {
+	// Last returns the last key-value under prefix, ErrNotFound if none.
+	Last(ctx context.Context, prefix string) (KV, error)
+}

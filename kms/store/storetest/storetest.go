@@ -45,6 +45,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"CompareAndSwap", testCompareAndSwap},
 		{"Delete", testDelete},
 		{"List", testList},
+		{"Last", testLast},
 		{"WatchPutDelete", testWatchPutDelete},
 		{"WatchOnlyLaterChanges", testWatchOnlyLaterChanges},
 		{"WatchOrder", testWatchOrder},
@@ -719,5 +720,34 @@ func testClosed(t *testing.T, s store.Store) {
 	}
 	if _, err := s.Watch(ctx, ""); !errors.Is(err, store.ErrClosed) {
 		t.Errorf("Watch after Close = %v, want ErrClosed", err)
+	}
+}
+
+// testLast checks the optional LastKeyer capability; every Coffre engine
+// has it.
+func testLast(t *testing.T, s store.Store) {
+	lk, ok := s.(store.LastKeyer)
+	if !ok {
+		t.Fatalf("%T does not implement store.LastKeyer", s)
+	}
+	ctx := context.Background()
+	if _, err := lk.Last(ctx, "a/"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("Last on an empty store: %v, want ErrNotFound", err)
+	}
+	for _, k := range []string{"a/1", "a/3", "a/2", "a0", "b/9", "a/3/x", "ab"} {
+		if _, err := s.Put(ctx, k, []byte("v-"+k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for prefix, want := range map[string]string{"a/": "a/3/x", "a/3": "a/3/x", "a/2": "a/2", "a": "ab", "b/": "b/9", "": "b/9"} {
+		kv, err := lk.Last(ctx, prefix)
+		if err != nil || kv.Key != want || string(kv.Value) != "v-"+want || kv.Revision == 0 {
+			t.Errorf("Last(%q) = %q %q rev %d, %v; want %q", prefix, kv.Key, kv.Value, kv.Revision, err, want)
+		}
+	}
+	for _, prefix := range []string{"c", "a/4", "b/90"} {
+		if _, err := lk.Last(ctx, prefix); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("Last(%q): %v, want ErrNotFound", prefix, err)
+		}
 	}
 }
