@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -37,6 +38,11 @@ func toStatus(err error) *status.Status {
 		return status.New(codes.OK, "")
 	case errors.Is(err, kms.ErrDecrypt):
 		return status.New(codes.InvalidArgument, msgDecrypt)
+	case errors.Is(err, kms.ErrUnavailable), errors.Is(err, quorum.ErrUnavailable):
+		// Before the deadline cases: an HSM, store or audit replica that
+		// did not answer within Coffre's own bound is unavailable, even
+		// though a context deadline is in the error's chain.
+		return status.New(codes.Unavailable, msgUnavailable)
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.New(codes.DeadlineExceeded, "the call's deadline passed")
 	case errors.Is(err, context.Canceled):
@@ -53,8 +59,6 @@ func toStatus(err error) *status.Status {
 		return status.New(codes.AlreadyExists, err.Error())
 	case errors.Is(err, quorum.ErrLimit):
 		return status.New(codes.ResourceExhausted, err.Error())
-	case errors.Is(err, quorum.ErrUnavailable):
-		return status.New(codes.Unavailable, msgUnavailable)
 	case errors.Is(err, kms.ErrInvalidArgument):
 		return status.New(codes.InvalidArgument, err.Error())
 	case errors.Is(err, kms.ErrNotFound):
@@ -71,8 +75,6 @@ func toStatus(err error) *status.Status {
 		return status.New(codes.PermissionDenied, err.Error())
 	case errors.Is(err, kms.ErrResourceExhausted):
 		return status.New(codes.ResourceExhausted, err.Error())
-	case errors.Is(err, kms.ErrUnavailable):
-		return status.New(codes.Unavailable, msgUnavailable)
 	default:
 		return status.New(codes.Internal, msgInternal)
 	}
@@ -80,6 +82,11 @@ func toStatus(err error) *status.Status {
 
 // fail maps err with toStatus and logs the detail the caller does not get.
 func (s *Server) fail(ctx context.Context, err error) error {
+	if ctx.Err() == nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)) {
+		// Not the caller's deadline (it is still running): one inside
+		// Coffre, such as the store engine's own request timeout.
+		err = fmt.Errorf("%w: %w", kms.ErrUnavailable, err)
+	}
 	st := toStatus(err)
 	switch st.Code() {
 	case codes.Internal, codes.Unavailable:

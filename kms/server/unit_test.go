@@ -38,6 +38,9 @@ func TestToStatus(t *testing.T) {
 		{"decrypt wins", errors.Join(fmt.Errorf("%w: tenant mismatch", kms.ErrInvalidArgument), kms.ErrDecrypt), codes.InvalidArgument, "decryption failed"},
 		{"deadline", fmt.Errorf("store: %w", context.DeadlineExceeded), codes.DeadlineExceeded, "the call's deadline passed"},
 		{"canceled", fmt.Errorf("hsm: %w", context.Canceled), codes.Canceled, "the call was canceled"},
+		// Coffre's own bound on the audit replica or the store ran out: the
+		// dependency is unavailable, whatever deadline is in the chain.
+		{"unavailable before deadline", fmt.Errorf("%w: audit log: replication: %w", kms.ErrUnavailable, context.DeadlineExceeded), codes.Unavailable, msgUnavailable},
 		{"unknown is internal", errors.New("bolt: page 7 corrupt " + secretish), codes.Internal, msgInternal},
 		{"nil", nil, codes.OK, ""},
 	} {
@@ -50,6 +53,22 @@ func TestToStatus(t *testing.T) {
 				t.Fatalf("status leaks: %q", st.Message())
 			}
 		})
+	}
+}
+
+// TestFailInnerDeadline: a bare deadline error while the caller's own
+// context is still live came from a bound inside Coffre (the etcd engine's
+// request timeout): Unavailable, not DeadlineExceeded.
+func TestFailInnerDeadline(t *testing.T) {
+	s := unitServer(&syncBuffer{})
+	if got := status.Code(s.fail(context.Background(), fmt.Errorf("store: %w", context.DeadlineExceeded))); got != codes.Unavailable {
+		t.Errorf("inner deadline: %v, want Unavailable", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Nanosecond)
+	defer cancel()
+	<-ctx.Done()
+	if got := status.Code(s.fail(ctx, fmt.Errorf("store: %w", context.DeadlineExceeded))); got != codes.DeadlineExceeded {
+		t.Errorf("the caller's deadline: %v, want DeadlineExceeded", got)
 	}
 }
 
