@@ -158,7 +158,10 @@ func BenchmarkReleaseGenerateDataKeyTPM(b *testing.B) {
 // more than they would behind gRPC and TLS: this is the harsher case).
 // "no-audit" releases with a no-op auditor, "audit-log" with the durable
 // log in b's temporary directory (group commit, one fsync per batch);
-// audit-log reports added-p50-µs and added-p99-µs over no-audit.
+// audit-log reports added-p50-µs (its p50 less no-audit's) and
+// added-p99-µs (its p99 less no-audit's p50: the whole tail is charged to
+// the audit, since no-audit's own p99 is scheduling noise of 64 goroutines
+// on this machine's cores).
 func BenchmarkReleaseAuditLatency(b *testing.B) {
 	const callers = 64
 	run := func(b *testing.B, a Auditor) (p50, p99 time.Duration) {
@@ -199,8 +202,8 @@ func BenchmarkReleaseAuditLatency(b *testing.B) {
 		b.ReportMetric(float64(p99.Microseconds()), "p99-µs")
 		return p50, p99
 	}
-	var base50, base99 time.Duration
-	b.Run("no-audit", func(b *testing.B) { base50, base99 = run(b, noAudit{}) })
+	var base50 time.Duration
+	b.Run("no-audit", func(b *testing.B) { base50, _ = run(b, noAudit{}) })
 	b.Run("audit-log", func(b *testing.B) {
 		signer, err := audit.GenerateSigner("bench")
 		if err != nil {
@@ -213,6 +216,6 @@ func BenchmarkReleaseAuditLatency(b *testing.B) {
 		defer l.Close()
 		p50, p99 := run(b, AuditLog{Log: l})
 		b.ReportMetric(float64((p50 - base50).Microseconds()), "added-p50-µs")
-		b.ReportMetric(float64((p99 - base99).Microseconds()), "added-p99-µs")
+		b.ReportMetric(float64((p99 - base50).Microseconds()), "added-p99-µs")
 	})
 }
