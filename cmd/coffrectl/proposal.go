@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -10,11 +11,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"golang.org/x/term"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -176,6 +179,7 @@ func proposalCommands() []*command {
 		threshold int
 		admins    = mapFlag{}
 		out       string
+		yes       bool
 	)
 	decideCmd := func(decision string) *command {
 		return &command{
@@ -183,6 +187,7 @@ func proposalCommands() []*command {
 			summary: "Sign and send your " + decision + " of a proposal (ID or a unique prefix), after checking that its content hashes to its id.",
 			flags: func(fs *flag.FlagSet) {
 				fs.StringVar(&out, "out", "", "`FILE` to write an exported backup to, if this decision executes a backup export")
+				fs.BoolVar(&yes, "yes", false, "do not ask for confirmation on a terminal (the content is still printed)")
 			},
 			run: func(ctx context.Context, e *env, args []string) error {
 				backupOut = out
@@ -197,6 +202,9 @@ func proposalCommands() []*command {
 				p, err := c.GetProposal(ctx, &coffrev1.GetProposalRequest{Id: args[0]})
 				if err != nil {
 					return rpcError(err)
+				}
+				if err := confirm(e, p, decision, yes); err != nil {
+					return err
 				}
 				p, err = decide(ctx, e, c, p, decision)
 				if err != nil {
@@ -362,6 +370,34 @@ func printQuorum(w io.Writer, q *coffrev1.Quorum) error {
 		fmt.Fprintf(tw, "%s\t%s\trevoked\n", a.GetName(), a.GetId())
 	}
 	return tw.Flush()
+}
+
+// confirm shows the officer what they are about to sign — the operation
+// as the hash covers it — and, on a terminal, asks them to type the start
+// of the proposal id back.
+func confirm(e *env, p *coffrev1.Proposal, decision string, yes bool) error {
+	c, _, err := checkContent(p)
+	if err != nil {
+		return err
+	}
+	var args bytes.Buffer
+	if err := json.Indent(&args, c.Args, "  ", "  "); err != nil {
+		return fmt.Errorf("proposal %s: arguments: %w", short(p.GetId()), err)
+	}
+	fmt.Fprintf(e.stderr, "You are about to %s proposal %s (%s), proposed by %s, expiring %s:\n  %s\n",
+		decision, p.GetId(), c.Kind, c.Proposer, stamp(c.ExpireTime), args.String())
+	if yes || !term.IsTerminal(int(os.Stdin.Fd())) { // #nosec G115 -- a file descriptor
+		return nil
+	}
+	fmt.Fprintf(e.stderr, "Type the first 8 characters of the proposal id to sign: ")
+	line, err := bufio.NewReader(os.Stdin).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	if strings.TrimSpace(line) != p.GetId()[:8] {
+		return errors.New("not confirmed: nothing was signed")
+	}
+	return nil
 }
 
 func sortedKeys(m map[string]string) []string {

@@ -485,7 +485,7 @@ func (b *Bolt) Last(ctx context.Context, prefix string) (KV, error) {
 			k, raw = c.Last()
 		} else {
 			upper := append(bytes.Clone(p[:len(p)-1]), p[len(p)-1]+1)
-			if k, raw = c.Seek(upper); k == nil {
+			if k, _ = c.Seek(upper); k == nil {
 				k, raw = c.Last()
 			} else {
 				k, raw = c.Prev()
