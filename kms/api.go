@@ -48,6 +48,12 @@ const (
 	// StateDestroyed versions have had their KEK erased (crypto-shred): no
 	// envelope under them opens again. DestroyTime says when it was due.
 	StateDestroyed
+	// StateCompromised versions are believed known to someone else
+	// ([Service.MarkCompromised]): they never encrypt again, and decrypt
+	// only so that their envelopes can be rewrapped before the version is
+	// destroyed (NIST SP 800-57: "process" only). A compromised version
+	// cannot be enabled or disabled, only scheduled for destruction.
+	StateCompromised
 )
 
 // KeyVersion describes one KEK version of a keyring; it never holds key

@@ -140,6 +140,41 @@ func (s *Service) rotate(ctx context.Context, next *keyringRecord) error {
 	return nil
 }
 
+// MarkCompromised records that version v of keyring id is believed known
+// outside Coffre. It never encrypts again: if it is the primary, the
+// keyring is rotated in the same write, so the next data key is under a
+// fresh version. It still decrypts (subject to the minimum decryption
+// version), so that its envelopes can be rewrapped to the new primary
+// (`coffrectl keyring rewrap`) before it is scheduled for destruction;
+// raise the minimum decryption version to stop that too. Marking a
+// compromised version again changes nothing; a version scheduled for
+// destruction or destroyed is refused with ErrFailedPrecondition.
+func (s *Service) MarkCompromised(ctx context.Context, id KeyringID, v uint32) (*Keyring, error) {
+	rec, err := s.update(ctx, id, "marking compromised", func(next *keyringRecord) (bool, error) {
+		vr, err := lookup(next, v)
+		if err != nil {
+			return false, err
+		}
+		switch st := vr.state(); st {
+		case StateCompromised:
+			return false, nil
+		case StateDestroyScheduled, StateDestroyed:
+			return false, fmt.Errorf("%w: version %d of keyring %s is %s", ErrFailedPrecondition, v, id, st)
+		case StateActive:
+			if err := s.rotate(ctx, next); err != nil {
+				return false, fmt.Errorf("the compromised primary must be replaced: %w", err)
+			}
+		}
+		// rotate may have moved the versions: look the version up again.
+		next.version(v).State = StateCompromised.String()
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return rec.public(), nil
+}
+
 // lookup returns version v of next, or why there is none.
 func lookup(next *keyringRecord, v uint32) (*versionRecord, error) {
 	if v == 0 {

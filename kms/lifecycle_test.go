@@ -636,7 +636,7 @@ func TestDecodeRecordInvariants(t *testing.T) {
 		"period without next":        func(r *keyringRecord) { r.NextRotationTime = time.Time{} },
 		"next without period":        func(r *keyringRecord) { r.RotationPeriod = 0 },
 		"period of a minute":         func(r *keyringRecord) { r.RotationPeriod = time.Minute },
-		"unknown state":              func(r *keyringRecord) { r.Versions[2].State = "compromised" },
+		"unknown state":              func(r *keyringRecord) { r.Versions[2].State = "pre_active" },
 		"gap in versions":            func(r *keyringRecord) { r.Versions[2].Version = 7 },
 	} {
 		r := validRecord()
@@ -697,5 +697,64 @@ func TestLifecycleContextCancel(t *testing.T) {
 	}
 	if f.rev(t) != rev {
 		t.Fatal("record changed")
+	}
+}
+
+// TestMarkCompromised: a compromised version never encrypts again (the
+// primary is replaced in the same write), still decrypts so its envelopes
+// can be rewrapped, cannot be enabled or disabled, and can be destroyed.
+func TestMarkCompromised(t *testing.T) {
+	f := newLifecycle(t, 2)
+	ctx := ctxT(t)
+	k, err := f.svc.MarkCompromised(ctx, f.id, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.want(t, k, StateCompromised, StateActive)
+	if !f.decrypts(t, f.svc, 1) {
+		t.Fatal("a compromised version must still decrypt, for rewrapping")
+	}
+	// The primary compromised: a fresh primary at once.
+	rev := f.rev(t)
+	k, err = f.svc.MarkCompromised(ctx, f.id, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.want(t, k, StateCompromised, StateCompromised, StateActive)
+	if k.Primary != 3 || f.rev(t) == rev {
+		t.Fatalf("primary %d after marking the primary compromised", k.Primary)
+	}
+	dk, err := f.svc.GenerateDataKey(ctx, f.id, f.ec)
+	if err != nil || dk.KeyVersion != 3 {
+		t.Fatalf("data key after the primary was compromised: v%d, %v", dk.KeyVersion, err)
+	}
+	moved, err := f.svc.ReEncrypt(ctx, f.id.Tenant, f.envs[1], f.ec, KeyringID{}, nil)
+	if err != nil {
+		t.Fatalf("rewrap off a compromised version: %v", err)
+	}
+	if info, _ := ParseEnvelopeInfo(moved); info.KeyVersion != 3 {
+		t.Fatalf("rewrapped to v%d", info.KeyVersion)
+	}
+	// Again: nothing changes; enable and disable refused; destruction
+	// allowed.
+	rev = f.rev(t)
+	if _, err := f.svc.MarkCompromised(ctx, f.id, 1); err != nil || f.rev(t) != rev {
+		t.Fatalf("marking again: %v, or the record was rewritten", err)
+	}
+	if _, err := f.svc.EnableVersion(ctx, f.id, 1); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("enable a compromised version: %v", err)
+	}
+	if _, err := f.svc.DisableVersion(ctx, f.id, 1); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("disable a compromised version: %v", err)
+	}
+	if k, err = f.svc.ScheduleDestroy(ctx, f.id, 1, MinDestroyDays); err != nil {
+		t.Fatal(err)
+	}
+	f.want(t, k, StateDestroyScheduled, StateCompromised, StateActive)
+	if _, err := f.svc.MarkCompromised(ctx, f.id, 1); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("marking a version scheduled for destruction: %v", err)
+	}
+	if _, err := f.svc.MarkCompromised(ctx, f.id, 9); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("version 9: %v", err)
 	}
 }

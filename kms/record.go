@@ -65,6 +65,7 @@ var stateNames = map[KeyState]string{
 	StateDisabled:         "disabled",
 	StateDestroyScheduled: "destroy_scheduled",
 	StateDestroyed:        "destroyed",
+	StateCompromised:      "compromised",
 }
 
 // String returns the state's name as stored and printed.
@@ -96,7 +97,7 @@ func (v *versionRecord) state() KeyState {
 // its state allows it and it is not below the minimum decryption version.
 func (r *keyringRecord) decrypts(v *versionRecord) bool {
 	st := v.state()
-	return (st == StateActive || st == StateDeactivated) && v.Version >= r.MinDecryptionVersion
+	return (st == StateActive || st == StateDeactivated || st == StateCompromised) && v.Version >= r.MinDecryptionVersion
 }
 
 func (r *keyringRecord) version(v uint32) *versionRecord {

@@ -213,6 +213,8 @@ func stateName(s coffrev1.KeyState) string {
 		return "destroy-scheduled"
 	case coffrev1.KeyState_KEY_STATE_DESTROYED:
 		return "destroyed"
+	case coffrev1.KeyState_KEY_STATE_COMPROMISED:
+		return "compromised"
 	}
 	return s.String()
 }

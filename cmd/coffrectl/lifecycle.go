@@ -62,6 +62,12 @@ func lifecycleCommands() []*command {
 					return c.CancelKeyDestruction(ctx, r)
 				}
 			}),
+		versionCall("keyring mark-compromised", "Mark a KEK version compromised: it never encrypts again (a compromised primary is replaced at once); it decrypts only for rewrapping.",
+			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+					return c.MarkKeyVersionCompromised(ctx, r)
+				}
+			}),
 		versionCall("keyring min-decryption-version", "Refuse to open envelopes under versions below --version (reversible).",
 			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
 				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {

@@ -93,6 +93,8 @@ func keyStateToProto(s kms.KeyState) coffrev1.KeyState {
 		return coffrev1.KeyState_KEY_STATE_DESTROY_SCHEDULED
 	case kms.StateDestroyed:
 		return coffrev1.KeyState_KEY_STATE_DESTROYED
+	case kms.StateCompromised:
+		return coffrev1.KeyState_KEY_STATE_COMPROMISED
 	default:
 		return coffrev1.KeyState_KEY_STATE_UNSPECIFIED
 	}
@@ -110,6 +112,8 @@ func keyStateFromProto(s coffrev1.KeyState) (kms.KeyState, error) {
 		return kms.StateDestroyScheduled, nil
 	case coffrev1.KeyState_KEY_STATE_DESTROYED:
 		return kms.StateDestroyed, nil
+	case coffrev1.KeyState_KEY_STATE_COMPROMISED:
+		return kms.StateCompromised, nil
 	case coffrev1.KeyState_KEY_STATE_UNSPECIFIED:
 		return kms.StateUnspecified, nil
 	default:

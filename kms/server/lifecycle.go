@@ -149,6 +149,10 @@ func (a *adminService) CancelKeyDestruction(ctx context.Context, req *coffrev1.K
 	return a.keyVersionCall(ctx, req, a.s.svc.CancelDestroy)
 }
 
+func (a *adminService) MarkKeyVersionCompromised(ctx context.Context, req *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+	return a.keyVersionCall(ctx, req, a.s.svc.MarkCompromised)
+}
+
 func (a *adminService) SetMinDecryptionVersion(ctx context.Context, req *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
 	return a.keyVersionCall(ctx, req, a.s.svc.SetMinDecryptionVersion)
 }

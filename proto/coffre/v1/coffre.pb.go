@@ -44,6 +44,9 @@ const (
 	KeyState_KEY_STATE_DESTROY_SCHEDULED KeyState = 4
 	// The KEK is erased (crypto-shred): no envelope under it opens again.
 	KeyState_KEY_STATE_DESTROYED KeyState = 5
+	// Believed known outside Coffre: never encrypts again; decrypts only so
+	// that its envelopes can be rewrapped before it is destroyed.
+	KeyState_KEY_STATE_COMPROMISED KeyState = 6
 )
 
 // Enum value maps for KeyState.
@@ -55,6 +58,7 @@ var (
 		3: "KEY_STATE_DISABLED",
 		4: "KEY_STATE_DESTROY_SCHEDULED",
 		5: "KEY_STATE_DESTROYED",
+		6: "KEY_STATE_COMPROMISED",
 	}
 	KeyState_value = map[string]int32{
 		"KEY_STATE_UNSPECIFIED":       0,
@@ -63,6 +67,7 @@ var (
 		"KEY_STATE_DISABLED":          3,
 		"KEY_STATE_DESTROY_SCHEDULED": 4,
 		"KEY_STATE_DESTROYED":         5,
+		"KEY_STATE_COMPROMISED":       6,
 	}
 )
 
@@ -4085,14 +4090,15 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"sessionEnc\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xa8\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xc3\x01\n" +
 	"\bKeyState\x12\x19\n" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15KEY_STATE_DEACTIVATED\x10\x02\x12\x16\n" +
 	"\x12KEY_STATE_DISABLED\x10\x03\x12\x1f\n" +
 	"\x1bKEY_STATE_DESTROY_SCHEDULED\x10\x04\x12\x17\n" +
-	"\x13KEY_STATE_DESTROYED\x10\x05*E\n" +
+	"\x13KEY_STATE_DESTROYED\x10\x05\x12\x19\n" +
+	"\x15KEY_STATE_COMPROMISED\x10\x06*E\n" +
 	"\aRelease\x12\x17\n" +
 	"\x13RELEASE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fRELEASE_HPKE\x10\x01\x12\x0f\n" +
@@ -4100,7 +4106,7 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NODE_STATE_ENROLLED\x10\x01\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x022\xa0\n" +
+	"\x12NODE_STATE_REVOKED\x10\x022\xef\n" +
 	"\n" +
 	"\fAdminService\x12D\n" +
 	"\rCreateKeyring\x12\x1f.coffre.v1.CreateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12>\n" +
@@ -4110,7 +4116,8 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\rRotateKeyring\x12\x1f.coffre.v1.RotateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12E\n" +
 	"\x11DisableKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12D\n" +
 	"\x10EnableKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12H\n" +
-	"\x14CancelKeyDestruction\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12K\n" +
+	"\x14CancelKeyDestruction\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12M\n" +
+	"\x19MarkKeyVersionCompromised\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12K\n" +
 	"\x17SetMinDecryptionVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12L\n" +
 	"\x11SetRotationPeriod\x12#.coffre.v1.SetRotationPeriodRequest\x1a\x12.coffre.v1.Keyring\x12U\n" +
 	"\x0eRewrapEnvelope\x12 .coffre.v1.RewrapEnvelopeRequest\x1a!.coffre.v1.RewrapEnvelopeResponse\x12L\n" +
@@ -4279,47 +4286,49 @@ var file_coffre_v1_coffre_proto_depIdxs = []int32{
 	4,  // 56: coffre.v1.AdminService.DisableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
 	4,  // 57: coffre.v1.AdminService.EnableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
 	4,  // 58: coffre.v1.AdminService.CancelKeyDestruction:input_type -> coffre.v1.KeyVersionRequest
-	4,  // 59: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
-	5,  // 60: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
-	6,  // 61: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
-	46, // 62: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
-	54, // 63: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
-	15, // 64: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
-	18, // 65: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
-	19, // 66: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
-	21, // 67: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
-	23, // 68: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
-	24, // 69: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
-	56, // 70: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
-	59, // 71: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
-	36, // 72: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
-	38, // 73: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
-	40, // 74: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
-	27, // 75: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
-	27, // 76: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
-	31, // 77: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
-	27, // 78: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
-	27, // 79: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
-	27, // 80: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
-	27, // 81: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
-	27, // 82: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
-	27, // 83: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
-	7,  // 84: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
-	47, // 85: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
-	55, // 86: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
-	17, // 87: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
-	17, // 88: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
-	20, // 89: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
-	17, // 90: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
-	25, // 91: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
-	25, // 92: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
-	57, // 93: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
-	60, // 94: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
-	37, // 95: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
-	39, // 96: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
-	41, // 97: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
-	75, // [75:98] is the sub-list for method output_type
-	52, // [52:75] is the sub-list for method input_type
+	4,  // 59: coffre.v1.AdminService.MarkKeyVersionCompromised:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 60: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
+	5,  // 61: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
+	6,  // 62: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
+	46, // 63: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
+	54, // 64: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
+	15, // 65: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
+	18, // 66: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
+	19, // 67: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
+	21, // 68: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
+	23, // 69: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
+	24, // 70: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
+	56, // 71: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
+	59, // 72: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
+	36, // 73: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
+	38, // 74: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
+	40, // 75: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
+	27, // 76: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
+	27, // 77: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
+	31, // 78: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
+	27, // 79: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
+	27, // 80: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
+	27, // 81: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
+	27, // 82: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
+	27, // 83: coffre.v1.AdminService.MarkKeyVersionCompromised:output_type -> coffre.v1.Keyring
+	27, // 84: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
+	27, // 85: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
+	7,  // 86: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
+	47, // 87: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
+	55, // 88: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
+	17, // 89: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
+	17, // 90: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
+	20, // 91: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
+	17, // 92: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
+	25, // 93: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
+	25, // 94: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
+	57, // 95: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
+	60, // 96: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
+	37, // 97: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
+	39, // 98: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
+	41, // 99: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
+	76, // [76:100] is the sub-list for method output_type
+	52, // [52:76] is the sub-list for method input_type
 	52, // [52:52] is the sub-list for extension type_name
 	52, // [52:52] is the sub-list for extension extendee
 	0,  // [0:52] is the sub-list for field type_name

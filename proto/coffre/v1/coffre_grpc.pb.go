@@ -26,24 +26,25 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_CreateKeyring_FullMethodName           = "/coffre.v1.AdminService/CreateKeyring"
-	AdminService_GetKeyring_FullMethodName              = "/coffre.v1.AdminService/GetKeyring"
-	AdminService_ListKeyrings_FullMethodName            = "/coffre.v1.AdminService/ListKeyrings"
-	AdminService_RotateKeyring_FullMethodName           = "/coffre.v1.AdminService/RotateKeyring"
-	AdminService_DisableKeyVersion_FullMethodName       = "/coffre.v1.AdminService/DisableKeyVersion"
-	AdminService_EnableKeyVersion_FullMethodName        = "/coffre.v1.AdminService/EnableKeyVersion"
-	AdminService_CancelKeyDestruction_FullMethodName    = "/coffre.v1.AdminService/CancelKeyDestruction"
-	AdminService_SetMinDecryptionVersion_FullMethodName = "/coffre.v1.AdminService/SetMinDecryptionVersion"
-	AdminService_SetRotationPeriod_FullMethodName       = "/coffre.v1.AdminService/SetRotationPeriod"
-	AdminService_RewrapEnvelope_FullMethodName          = "/coffre.v1.AdminService/RewrapEnvelope"
-	AdminService_ListEKRoots_FullMethodName             = "/coffre.v1.AdminService/ListEKRoots"
-	AdminService_ListNodes_FullMethodName               = "/coffre.v1.AdminService/ListNodes"
-	AdminService_Propose_FullMethodName                 = "/coffre.v1.AdminService/Propose"
-	AdminService_GetProposal_FullMethodName             = "/coffre.v1.AdminService/GetProposal"
-	AdminService_ListProposals_FullMethodName           = "/coffre.v1.AdminService/ListProposals"
-	AdminService_DecideProposal_FullMethodName          = "/coffre.v1.AdminService/DecideProposal"
-	AdminService_InitQuorum_FullMethodName              = "/coffre.v1.AdminService/InitQuorum"
-	AdminService_GetQuorum_FullMethodName               = "/coffre.v1.AdminService/GetQuorum"
+	AdminService_CreateKeyring_FullMethodName             = "/coffre.v1.AdminService/CreateKeyring"
+	AdminService_GetKeyring_FullMethodName                = "/coffre.v1.AdminService/GetKeyring"
+	AdminService_ListKeyrings_FullMethodName              = "/coffre.v1.AdminService/ListKeyrings"
+	AdminService_RotateKeyring_FullMethodName             = "/coffre.v1.AdminService/RotateKeyring"
+	AdminService_DisableKeyVersion_FullMethodName         = "/coffre.v1.AdminService/DisableKeyVersion"
+	AdminService_EnableKeyVersion_FullMethodName          = "/coffre.v1.AdminService/EnableKeyVersion"
+	AdminService_CancelKeyDestruction_FullMethodName      = "/coffre.v1.AdminService/CancelKeyDestruction"
+	AdminService_MarkKeyVersionCompromised_FullMethodName = "/coffre.v1.AdminService/MarkKeyVersionCompromised"
+	AdminService_SetMinDecryptionVersion_FullMethodName   = "/coffre.v1.AdminService/SetMinDecryptionVersion"
+	AdminService_SetRotationPeriod_FullMethodName         = "/coffre.v1.AdminService/SetRotationPeriod"
+	AdminService_RewrapEnvelope_FullMethodName            = "/coffre.v1.AdminService/RewrapEnvelope"
+	AdminService_ListEKRoots_FullMethodName               = "/coffre.v1.AdminService/ListEKRoots"
+	AdminService_ListNodes_FullMethodName                 = "/coffre.v1.AdminService/ListNodes"
+	AdminService_Propose_FullMethodName                   = "/coffre.v1.AdminService/Propose"
+	AdminService_GetProposal_FullMethodName               = "/coffre.v1.AdminService/GetProposal"
+	AdminService_ListProposals_FullMethodName             = "/coffre.v1.AdminService/ListProposals"
+	AdminService_DecideProposal_FullMethodName            = "/coffre.v1.AdminService/DecideProposal"
+	AdminService_InitQuorum_FullMethodName                = "/coffre.v1.AdminService/InitQuorum"
+	AdminService_GetQuorum_FullMethodName                 = "/coffre.v1.AdminService/GetQuorum"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -69,6 +70,9 @@ type AdminServiceClient interface {
 	DisableKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
 	EnableKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
 	CancelKeyDestruction(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	// MarkKeyVersionCompromised: the version never encrypts again (a
+	// compromised primary is replaced by a new version in the same write).
+	MarkKeyVersionCompromised(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
 	SetMinDecryptionVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
 	SetRotationPeriod(ctx context.Context, in *SetRotationPeriodRequest, opts ...grpc.CallOption) (*Keyring, error)
 	// RewrapEnvelope moves an envelope to its keyring's primary version
@@ -168,6 +172,16 @@ func (c *adminServiceClient) CancelKeyDestruction(ctx context.Context, in *KeyVe
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Keyring)
 	err := c.cc.Invoke(ctx, AdminService_CancelKeyDestruction_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) MarkKeyVersionCompromised(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_MarkKeyVersionCompromised_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -307,6 +321,9 @@ type AdminServiceServer interface {
 	DisableKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
 	EnableKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
 	CancelKeyDestruction(context.Context, *KeyVersionRequest) (*Keyring, error)
+	// MarkKeyVersionCompromised: the version never encrypts again (a
+	// compromised primary is replaced by a new version in the same write).
+	MarkKeyVersionCompromised(context.Context, *KeyVersionRequest) (*Keyring, error)
 	SetMinDecryptionVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
 	SetRotationPeriod(context.Context, *SetRotationPeriodRequest) (*Keyring, error)
 	// RewrapEnvelope moves an envelope to its keyring's primary version
@@ -362,6 +379,9 @@ func (UnimplementedAdminServiceServer) EnableKeyVersion(context.Context, *KeyVer
 }
 func (UnimplementedAdminServiceServer) CancelKeyDestruction(context.Context, *KeyVersionRequest) (*Keyring, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelKeyDestruction not implemented")
+}
+func (UnimplementedAdminServiceServer) MarkKeyVersionCompromised(context.Context, *KeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method MarkKeyVersionCompromised not implemented")
 }
 func (UnimplementedAdminServiceServer) SetMinDecryptionVersion(context.Context, *KeyVersionRequest) (*Keyring, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetMinDecryptionVersion not implemented")
@@ -539,6 +559,24 @@ func _AdminService_CancelKeyDestruction_Handler(srv interface{}, ctx context.Con
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServiceServer).CancelKeyDestruction(ctx, req.(*KeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_MarkKeyVersionCompromised_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).MarkKeyVersionCompromised(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_MarkKeyVersionCompromised_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).MarkKeyVersionCompromised(ctx, req.(*KeyVersionRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -775,6 +813,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelKeyDestruction",
 			Handler:    _AdminService_CancelKeyDestruction_Handler,
+		},
+		{
+			MethodName: "MarkKeyVersionCompromised",
+			Handler:    _AdminService_MarkKeyVersionCompromised_Handler,
 		},
 		{
 			MethodName: "SetMinDecryptionVersion",
