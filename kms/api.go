@@ -101,6 +101,13 @@ type Config struct {
 	// during a root rotation ([Service.RotateRoot]): they only unwrap.
 	// Their IDs must differ from each other and from Root's.
 	PreviousRoots []hsm.Root
+	// RootAliases are other IDs of Root itself: the same key restored
+	// under other labels (a DR site's HSM, after `coffrectl ceremony
+	// restore`), so that KEK versions recorded under the primary's root ID
+	// unwrap here. Naming a different key here releases nothing: its
+	// unwrap fails authentication. A root rotation rewrites such versions
+	// under Root's own ID.
+	RootAliases []string
 	// CacheSize bounds the number of unwrapped KEK versions held in memory
 	// (default 1024); CacheTTL bounds how long one stays (default 10m).
 	CacheSize int

@@ -21,8 +21,9 @@ import (
 // primary's SoftHSM; the primary makes envelopes and exports a signed
 // backup to the DR site's transfer key; the DR site, on another SoftHSM
 // instance, restores the root from two custodians' shares, imports the
-// backup and opens every envelope the primary made. One share alone
-// restores nothing.
+// backup and opens every envelope the primary made — its token named
+// otherwise, through Config.RootAliases, then under its own ID after a root
+// rotation. One share alone restores nothing.
 func TestDataEmbassy(t *testing.T) {
 	ctx := context.Background()
 	const rootID = "pkcs11:token=coffre;object=root"
@@ -107,8 +108,8 @@ func TestDataEmbassy(t *testing.T) {
 	// The DR site: another SoftHSM instance, an empty token of the same
 	// name, and two custodians.
 	drHSM := hsmtest.NewSoftHSM(t)
-	drPIN := drHSM.NewToken(t, "coffre")
-	drURI := drHSM.RootURI("coffre", "root", drPIN)
+	drPIN := drHSM.NewToken(t, "embassy-lu")
+	drURI := drHSM.RootURI("embassy-lu", "root", drPIN)
 	one, err := shares[1].Open(custodians[1])
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +143,17 @@ func TestDataEmbassy(t *testing.T) {
 	if sum.Written == 0 || sum.Signer != "primary" {
 		t.Fatalf("import summary %+v", sum)
 	}
-	dr, err := New(Config{Store: drStore, Root: drRoot})
+	// The DR HSM names its token otherwise: without an alias the versions,
+	// recorded under the primary's root ID, are refused; with it they open.
+	unaliased, err := New(Config{Store: drStore, Root: drRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unaliased.Decrypt(ctx, envelopes[0].tenant, envelopes[0].env, envelopes[0].ec); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("DR without the root alias: %v, want ErrFailedPrecondition", err)
+	}
+	unaliased.Close()
+	dr, err := New(Config{Store: drStore, Root: drRoot, RootAliases: []string{rootID}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,6 +165,22 @@ func TestDataEmbassy(t *testing.T) {
 		}
 		if !bytes.Equal(got.Expose(), m.key) {
 			t.Fatalf("envelope %d opened to another key", i)
+		}
+	}
+	// A root rotation at the DR site moves every version to the DR root's
+	// own ID; the alias is then no longer needed.
+	rot, err := dr.RotateRoot(ctx, nil)
+	if err != nil || rot.Rewrapped != 8 { // 2 keyrings × versions 1..4
+		t.Fatalf("root rotation at the DR site: %+v, %v", rot, err)
+	}
+	dr2, err := New(Config{Store: drStore, Root: drRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dr2.Close()
+	for i, m := range envelopes {
+		if got, err := dr2.Decrypt(ctx, m.tenant, m.env, m.ec); err != nil || !bytes.Equal(got.Expose(), m.key) {
+			t.Fatalf("envelope %d after the DR root rotation: %v", i, err)
 		}
 	}
 }

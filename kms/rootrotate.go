@@ -45,10 +45,27 @@ func previousRoots(cur hsm.Root, prev []hsm.Root) (map[string]hsm.Root, error) {
 
 // rootFor returns the root whose ID is id, or nil if the service holds none.
 func (s *Service) rootFor(id string) hsm.Root {
-	if id == s.root.ID() {
+	if id == s.root.ID() || s.aliases[id] {
 		return s.root
 	}
 	return s.previous[id]
+}
+
+// rootAliases checks Config.RootAliases against the roots' own IDs.
+func rootAliases(cur hsm.Root, prev map[string]hsm.Root, aliases []string) (map[string]bool, error) {
+	m := make(map[string]bool, len(aliases))
+	for i, a := range aliases {
+		switch {
+		case a == "" || a == cur.ID():
+			return nil, fmt.Errorf("kms: Config.RootAliases[%d] %q is empty or the root's own ID", i, a)
+		case prev[a] != nil:
+			return nil, fmt.Errorf("kms: Config.RootAliases[%d] %q is the ID of a previous root", i, a)
+		case m[a]:
+			return nil, fmt.Errorf("kms: Config.RootAliases lists %q twice", a)
+		}
+		m[a] = true
+	}
+	return m, nil
 }
 
 // rootNames lists the IDs of the roots the service holds, for messages.
@@ -186,7 +203,9 @@ func (s *Service) rotateKeyringRoot(ctx context.Context, id KeyringID, res *Root
 // rotation the old root may be destroyed, and a blob the new root cannot
 // open would then be a KEK lost.
 func (s *Service) rewrap(ctx context.Context, rec *keyringRecord, v *versionRecord) ([]byte, error) {
-	old := s.previous[v.RootID]
+	// A previous root, or the current one under an alias (the version is
+	// then rewritten under the root's own ID).
+	old := s.rootFor(v.RootID)
 	if old == nil {
 		return nil, fmt.Errorf("%w: KEK %s v%d is wrapped by root %s; this server holds %s",
 			ErrFailedPrecondition, rec.id(), v.Version, v.RootID, s.rootNames())

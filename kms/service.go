@@ -33,6 +33,8 @@ type Service struct {
 	// not yet moved to root by RotateRoot. See rootFor.
 	root     hsm.Root
 	previous map[string]hsm.Root
+	// aliases are other IDs of root (Config.RootAliases).
+	aliases map[string]bool
 	now      func() time.Time
 	keks     *kekCache
 	// maxVersions is MaxVersions; tests lower it.
@@ -77,11 +79,16 @@ func New(cfg Config) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	aliases, err := rootAliases(cfg.Root, previous, cfg.RootAliases)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
 		store:       cfg.Store,
 		root:        cfg.Root,
 		previous:    previous,
+		aliases:     aliases,
 		now:         cfg.Now,
 		keks:        newKEKCache(cfg.CacheSize, cfg.CacheTTL, cfg.Now),
 		maxVersions: MaxVersions,

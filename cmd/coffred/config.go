@@ -68,6 +68,9 @@ const (
 //	                             hsm.root_key); new KEKs are then wrapped by both, and unwrapping needs both
 //	hsm.previous_roots           optional: pkcs11: URIs of earlier root keys, which only unwrap KEK versions
 //	                             not yet moved to the current root by a root rotation
+//	hsm.root_aliases             optional: other IDs of the current root ("pkcs11:token=…;object=…", no
+//	                             query): the same key restored under other labels (a DR site), so KEK
+//	                             versions recorded under the primary's root ID unwrap here
 //	store.engine                 "bbolt" (one node, one file) or "etcd" (several Coffre nodes)
 //	store.path                   bbolt: the file; its directory must exist
 //	store.endpoints              etcd: the members' client URLs
@@ -190,6 +193,8 @@ type HSMConfig struct {
 	// PreviousRoots are the pkcs11: URIs of earlier root keys, opened so
 	// that KEK versions they wrap still unwrap during a root rotation.
 	PreviousRoots []string
+	// RootAliases are other IDs of the current root (kms.Config.RootAliases).
+	RootAliases []string
 }
 
 // StoreConfig selects the storage engine.
@@ -294,6 +299,7 @@ type rawHSM struct {
 	Sessions      *int64    `json:"sessions"`
 	SecondRoot    *string   `json:"second_root"`
 	PreviousRoots *[]string `json:"previous_roots"`
+	RootAliases   *[]string `json:"root_aliases"`
 }
 
 type rawStore struct {
@@ -854,6 +860,26 @@ func (v *validator) hsm(r *rawHSM) HSMConfig {
 				seen[id] = i
 			}
 			c.PreviousRoots = append(c.PreviousRoots, uri)
+		}
+	}
+	if r.RootAliases != nil {
+		seen := map[string]int{}
+		for i, id := range *r.RootAliases {
+			path := fmt.Sprintf("hsm.root_aliases[%d]", i)
+			u, err := hsm.ParseURI(id)
+			switch j, dup := seen[id]; {
+			case err != nil:
+				v.fail(path, "%v", err)
+			case u.KeyID() != id:
+				v.fail(path, "must be a root key's ID: a pkcs11: URI with token and object and no query, like %q", u.KeyID())
+			case dup:
+				v.fail(path, "repeats hsm.root_aliases[%d]", j)
+			case id == rootID:
+				v.fail(path, "is hsm.root_key's own ID")
+			default:
+				seen[id] = i
+				c.RootAliases = append(c.RootAliases, id)
+			}
 		}
 	}
 	return c

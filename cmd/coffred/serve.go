@@ -66,7 +66,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		return err
 	}
 
-	svc, err := kms.New(kms.Config{Store: st, Root: root, PreviousRoots: previousRoots, CacheSize: cfg.KEKCache.Size, CacheTTL: cfg.KEKCache.TTL})
+	svc, err := kms.New(kms.Config{Store: st, Root: root, PreviousRoots: previousRoots, RootAliases: cfg.HSM.RootAliases, CacheSize: cfg.KEKCache.Size, CacheTTL: cfg.KEKCache.TTL})
 	if err != nil {
 		return err
 	}
