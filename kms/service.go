@@ -35,8 +35,8 @@ type Service struct {
 	previous map[string]hsm.Root
 	// aliases are other IDs of root (Config.RootAliases).
 	aliases map[string]bool
-	now      func() time.Time
-	keks     *kekCache
+	now     func() time.Time
+	keks    *kekCache
 	// maxVersions is MaxVersions; tests lower it.
 	maxVersions int
 
