@@ -180,6 +180,7 @@ func proposalCommands() []*command {
 		admins    = mapFlag{}
 		out       string
 		yes       bool
+		limit     uint
 	)
 	decideCmd := func(decision string) *command {
 		return &command{
@@ -238,6 +239,7 @@ func proposalCommands() []*command {
 			summary: "List proposals, newest first.",
 			flags: func(fs *flag.FlagSet) {
 				fs.StringVar(&state, "state", "", "only proposals in `STATE` (pending, executed, failed, rejected, expired, executing)")
+				fs.UintVar(&limit, "limit", 100, "at most `N` proposals, newest first (up to 1000)")
 			},
 			run: func(ctx context.Context, e *env, _ []string) error {
 				c, closeConn, err := adminClient(e.g)
@@ -247,7 +249,10 @@ func proposalCommands() []*command {
 				defer closeConn()
 				ctx, cancel := context.WithTimeout(ctx, e.g.timeout)
 				defer cancel()
-				resp, err := c.ListProposals(ctx, &coffrev1.ListProposalsRequest{State: state})
+				if limit == 0 || limit > 1000 {
+					return fmt.Errorf("%w: --limit %d: 1 to 1000", errUsage, limit)
+				}
+				resp, err := c.ListProposals(ctx, &coffrev1.ListProposalsRequest{State: state, Limit: uint32(limit)}) // #nosec G115 -- checked above
 				if err != nil {
 					return rpcError(err)
 				}

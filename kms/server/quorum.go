@@ -336,6 +336,12 @@ func setQuorumArgs(r *coffrev1.SetQuorumRequest) quorum.SetQuorumArgs {
 
 // ---- AdminService: quorum ----
 
+// How many proposals ListProposals returns by default and at most.
+const (
+	defaultListProposals = 100
+	maxListProposals     = 1000
+)
+
 // adminSubject is the certificate subject of the admin making the call.
 func adminSubject(ctx context.Context) string {
 	if ci := callInfoFrom(ctx); ci != nil && ci.admin != "" {
@@ -388,9 +394,20 @@ func (a *adminService) ListProposals(ctx context.Context, req *coffrev1.ListProp
 	if err != nil {
 		return nil, a.s.fail(ctx, err)
 	}
+	limit := int(req.GetLimit())
+	switch {
+	case limit == 0:
+		limit = defaultListProposals
+	case limit > maxListProposals:
+		return nil, a.s.fail(ctx, fmt.Errorf("%w: limit %d (at most %d)", kms.ErrInvalidArgument, limit, maxListProposals))
+	}
 	resp := &coffrev1.ListProposalsResponse{}
-	for _, p := range ps {
-		resp.Proposals = append(resp.Proposals, ProposalToProto(p))
+	for _, p := range ps[:min(limit, len(ps))] {
+		// A list stays small: content (up to 256 KiB) and result (a
+		// backup) are for GetProposal.
+		pp := ProposalToProto(p)
+		pp.Content, pp.Result = nil, nil
+		resp.Proposals = append(resp.Proposals, pp)
 	}
 	return resp, nil
 }

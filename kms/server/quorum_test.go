@@ -135,9 +135,14 @@ func TestQuorumOverGRPC(t *testing.T) {
 	}
 
 	list, err := admin.ListProposals(ctx, &coffrev1.ListProposalsRequest{State: quorum.StateExecuted})
-	if err != nil || len(list.GetProposals()) != 1 {
-		t.Fatalf("list executed: %v %v", list, err)
+	if err != nil || len(list.GetProposals()) != 1 || list.GetProposals()[0].GetContent() != nil || list.GetProposals()[0].GetResult() != nil {
+		t.Fatalf("list executed (one, without content or result): %v %v", list, err)
 	}
+	if list, err = admin.ListProposals(ctx, &coffrev1.ListProposalsRequest{Limit: 1}); err != nil || len(list.GetProposals()) != 1 {
+		t.Fatalf("list with limit 1: %v %v", list, err)
+	}
+	_, err = admin.ListProposals(ctx, &coffrev1.ListProposalsRequest{Limit: 1001})
+	wantCode(t, err, codes.InvalidArgument, "limit 1001")
 	want := "init propose approve refuse refuse propose refuse approve execute executed approve approve execute failed"
 	if got := f.events.steps(); got != want {
 		t.Errorf("audited steps:\n got %s\nwant %s", got, want)

@@ -1290,7 +1290,10 @@ func (x *GetProposalRequest) GetId() string {
 type ListProposalsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only proposals in this state; empty lists all.
-	State         string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	State string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// At most this many, newest first: 0 means 100, at most 1000. Listed
+	// proposals carry neither content nor result (GetProposal has them).
+	Limit         uint32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1330,6 +1333,13 @@ func (x *ListProposalsRequest) GetState() string {
 		return x.State
 	}
 	return ""
+}
+
+func (x *ListProposalsRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
 }
 
 type ListProposalsResponse struct {
@@ -3897,9 +3907,10 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	" \x01(\fR\x06result\x12\x14\n" +
 	"\x05error\x18\v \x01(\tR\x05error\"$\n" +
 	"\x12GetProposalRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\",\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"B\n" +
 	"\x14ListProposalsRequest\x12\x14\n" +
-	"\x05state\x18\x01 \x01(\tR\x05state\"J\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\rR\x05limit\"J\n" +
 	"\x15ListProposalsResponse\x121\n" +
 	"\tproposals\x18\x01 \x03(\v2\x13.coffre.v1.ProposalR\tproposals\"\x80\x01\n" +
 	"\x15DecideProposalRequest\x12\x0e\n" +
