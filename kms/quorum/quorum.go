@@ -95,8 +95,11 @@ const (
 	// MaxAdmins bounds the admin set (a government's security officers).
 	MaxAdmins = 64
 	// MaxPending bounds pending proposals so that an admin certificate
-	// cannot fill the store.
-	MaxPending = 256
+	// cannot fill the store; MaxPendingPerProposer bounds one proposer's,
+	// so that one stolen admin certificate cannot crowd out the others'
+	// proposals until its own expire.
+	MaxPending            = 256
+	MaxPendingPerProposer = 32
 	// MaxContent bounds a proposal's canonical content (an EK root
 	// certificate or a node class with its reference values fits).
 	MaxContent = 256 << 10
@@ -382,10 +385,12 @@ func (e *Engine) Propose(ctx context.Context, kind string, args any, proposer st
 	if len(b) > MaxContent {
 		return nil, fmt.Errorf("%w: proposal of %d bytes (at most %d)", ErrInvalid, len(b), MaxContent)
 	}
-	if n, err := e.countPending(ctx); err != nil {
+	if n, mine, err := e.countPending(ctx, proposer); err != nil {
 		return nil, err
 	} else if n >= MaxPending {
 		return nil, fmt.Errorf("%w: %d proposals pending (at most %d); approve, reject or let some expire", ErrLimit, n, MaxPending)
+	} else if mine >= MaxPendingPerProposer {
+		return nil, fmt.Errorf("%w: %s has %d proposals pending (at most %d each); approve, reject or let some expire", ErrLimit, proposer, mine, MaxPendingPerProposer)
 	}
 	h := Hash(b)
 	p := &Proposal{ID: hex.EncodeToString(h[:]), Content: b, Parsed: c, State: StatePending, Threshold: rule.Threshold}
@@ -398,20 +403,23 @@ func (e *Engine) Propose(ctx context.Context, kind string, args any, proposer st
 	return p, nil
 }
 
-func (e *Engine) countPending(ctx context.Context) (int, error) {
+// countPending counts the pending proposals, all and proposer's.
+func (e *Engine) countPending(ctx context.Context, proposer string) (all, mine int, err error) {
 	kvs, err := e.store.List(ctx, proposalPrefix)
 	if err != nil {
-		return 0, storeErr(err)
+		return 0, 0, storeErr(err)
 	}
-	n := 0
 	now := e.now()
 	for _, kv := range kvs {
 		p, err := decodeProposal(kv.Key, kv.Value)
 		if err == nil && p.State == StatePending && now.Before(p.Parsed.ExpireTime) {
-			n++
+			all++
+			if p.Parsed.Proposer == proposer {
+				mine++
+			}
 		}
 	}
-	return n, nil
+	return all, mine, nil
 }
 
 // Get returns the proposal whose id is id or starts with id (at least 8

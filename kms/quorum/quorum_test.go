@@ -383,3 +383,25 @@ func FuzzParseContent(f *testing.F) {
 		}
 	})
 }
+
+// TestQuorumPendingLimits: one proposer cannot crowd out the others.
+func TestQuorumPendingLimits(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	for i := range MaxPendingPerProposer {
+		if _, err := f.e.Propose(ctx, "test.op", i, "stolen-cert", 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.e.Propose(ctx, "test.op", "one more", "stolen-cert", 0); !errors.Is(err, ErrLimit) {
+		t.Fatalf("proposal %d of one proposer: %v, want ErrLimit", MaxPendingPerProposer+1, err)
+	}
+	if _, err := f.e.Propose(ctx, "test.op", "another officer", "officer-cert", 0); err != nil {
+		t.Fatalf("another proposer: %v", err)
+	}
+	// Expired proposals no longer count.
+	f.now = f.now.Add(DefaultTTL + time.Second)
+	if _, err := f.e.Propose(ctx, "test.op", "later", "stolen-cert", 0); err != nil {
+		t.Fatalf("after expiry: %v", err)
+	}
+}
