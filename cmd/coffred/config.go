@@ -99,7 +99,7 @@ const (
 //	audit.node_id                this node's id in every entry (default: the host name)
 //	audit.origin                 the checkpoints' origin line (default "coffre/" + node_id)
 //	audit.checkpoint_interval    publish a checkpoint at least this often when the log grew, 100ms..1h (default "1s")
-//	audit.checkpoint_every       and every this many entries, 1..10000000 (default 1000)
+//	audit.checkpoint_every       and every this many entries, 1..10000000 (default 10000)
 //	audit.syslog.addr            forward every entry to this syslog receiver (RFC 5424, TCP, octet counting);
 //	                             optional: without an audit.syslog section there is no syslog sink
 //	audit.syslog.ca_file, .cert_file, .key_file
@@ -1004,7 +1004,7 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 		v.fail("audit.origin", "%q: want one non-empty line", c.Origin)
 	}
 	c.CheckpointInterval = v.duration("audit.checkpoint_interval", r.CheckpointInterval, time.Second, 100*time.Millisecond, time.Hour)
-	c.CheckpointEvery = uint64(v.intRange("audit.checkpoint_every", r.CheckpointEvery, 1000, 1, 10_000_000)) // #nosec G115 -- bounded to 1..1e7
+	c.CheckpointEvery = uint64(v.intRange("audit.checkpoint_every", r.CheckpointEvery, 10000, 1, 10_000_000)) // #nosec G115 -- bounded to 1..1e7
 
 	if r.Syslog != nil {
 		sl := r.Syslog

@@ -51,7 +51,7 @@ type Options struct {
 	// while the log grows (default 1s).
 	CheckpointInterval time.Duration
 	// CheckpointEvery: a checkpoint is also published every this many
-	// entries (default 1000).
+	// entries (default 10000).
 	CheckpointEvery uint64
 	Logger          *slog.Logger // default slog.Default()
 	Now             func() time.Time
@@ -210,7 +210,7 @@ func Open(opts Options) (*Log, error) {
 		opts.CheckpointInterval = time.Second
 	}
 	if opts.CheckpointEvery == 0 {
-		opts.CheckpointEvery = 1000
+		opts.CheckpointEvery = 10000
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -647,7 +647,9 @@ func (l *Log) write(wf *os.File, buf []byte, off int64) error {
 		return err
 	}
 	l.fsyncs.Add(1)
-	if err := wf.Sync(); err != nil {
+	// fdatasync also commits the new size, which reading the data back
+	// needs (fdatasync(2)); only the times are left to the journal.
+	if err := datasync(wf); err != nil {
 		return err
 	}
 	l.mu.Lock()
