@@ -30,6 +30,7 @@ func (a AuditLog) Record(ctx context.Context, e *AuditEvent) error {
 		Operation: e.Op,
 		Decision:  audit.Deny,
 		Reason:    e.Reason,
+		RequestID: RequestID(ctx),
 	}
 	if e.Allowed {
 		entry.Decision = audit.Allow

@@ -11,6 +11,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
@@ -41,7 +42,7 @@ func (s *Server) auditAdminUnary(ctx context.Context, req any, info *grpc.UnaryS
 	entry := func(decision, reason string) *audit.Entry {
 		e := &audit.Entry{
 			Time: s.now(), Actor: audit.Actor{Kind: audit.ActorAdmin, ID: admin},
-			Operation: op, Decision: decision, Reason: reason,
+			Operation: op, Decision: decision, Reason: reason, RequestID: kms.RequestID(ctx),
 		}
 		target(req, e)
 		return e
@@ -71,6 +72,7 @@ func (s *Server) auditGateRefusal(ctx context.Context, method, subject string, e
 	e := &audit.Entry{
 		Time: s.now(), Actor: audit.Actor{Kind: audit.ActorAdmin, ID: id},
 		Operation: "gate." + strings.TrimPrefix(method, "/"), Decision: audit.Deny, Reason: status.Convert(err).Message(),
+		RequestID: kms.RequestID(ctx),
 	}
 	if _, aerr := s.audit.Append(context.WithoutCancel(ctx), e); aerr != nil {
 		s.log.ErrorContext(ctx, "audit: could not record a refused call", "method", method, "err", aerr)

@@ -2,7 +2,9 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"runtime/debug"
@@ -13,9 +15,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthgrpc "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/coffre-kms/coffre/kms"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -34,8 +38,20 @@ var (
 // and handlers learn about the caller. observe puts it in the context; the
 // admin gate and the attestation handler fill it.
 type callInfo struct {
-	admin string
-	node  string // the node that attested (AttestService.Complete)
+	admin     string
+	node      string // the node that attested (AttestService.Complete)
+	requestID string
+}
+
+// RequestIDMetadataKey is the response header that carries the id the
+// server gave the call: it is in the server's log line and in every audit
+// entry the call made.
+const RequestIDMetadataKey = "coffre-request-id"
+
+func newRequestID() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b) // crypto/rand does not fail on supported platforms
+	return hex.EncodeToString(b)
 }
 
 type callInfoKey struct{}
@@ -55,8 +71,12 @@ func methodFrom(ctx context.Context) string {
 // chain is caught. The stack goes to the log only: it may show internals
 // that a caller has no business seeing.
 func (s *Server) observe(ctx context.Context, method string, call func(context.Context) error) (err error) {
-	ci := &callInfo{}
+	ci := &callInfo{requestID: newRequestID()}
 	ctx = context.WithValue(ctx, callInfoKey{}, ci)
+	ctx = kms.WithRequestID(ctx, ci.requestID)
+	// Best effort: a stream whose header was sent already keeps the id in
+	// the log and the audit log only.
+	_ = grpc.SetHeader(ctx, metadata.Pairs(RequestIDMetadataKey, ci.requestID))
 	start := s.now()
 	defer func() {
 		if r := recover(); r != nil {
@@ -69,6 +89,7 @@ func (s *Server) observe(ctx context.Context, method string, call func(context.C
 		}
 		attrs := []slog.Attr{
 			slog.String("method", method),
+			slog.String("request_id", ci.requestID),
 			slog.String("code", status.Code(err).String()),
 			slog.Duration("duration", s.now().Sub(start)),
 		}

@@ -73,6 +73,7 @@ func QuorumAudit(log *audit.Log) func(ctx context.Context, ev quorum.Event) erro
 			Operation: "quorum." + ev.Step,
 			Decision:  audit.Allow,
 			Reason:    ev.Reason,
+			RequestID: kms.RequestID(ctx),
 		}
 		if e.Actor.ID == "" {
 			e.Actor = audit.Actor{Kind: audit.ActorSystem, ID: "quorum"}

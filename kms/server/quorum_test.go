@@ -7,8 +7,11 @@ import (
 	"sync"
 	"testing"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 
+	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
 	"github.com/coffre-kms/coffre/kms/identity"
 	"github.com/coffre-kms/coffre/kms/quorum"
@@ -181,5 +184,42 @@ func TestQuorumAuditEntries(t *testing.T) {
 	}
 	if e1.Operation != "quorum.refuse" || e1.Decision != audit.Deny || e1.Actor.ID != "sha256:9" {
 		t.Errorf("refuse entry %+v", e1)
+	}
+}
+
+// TestRequestIDInAuditAndHeader: every call gets an id, returned in the
+// response header coffre-request-id and written into the audit entries it
+// makes, so a SIEM can tie an entry to the call and the server's log line.
+func TestRequestIDInAuditAndHeader(t *testing.T) {
+	signer, err := audit.GenerateSigner("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log, err := audit.Open(audit.Options{Dir: filepath.Join(t.TempDir(), "audit"), Node: "n1", Origin: "test", Signer: signer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	f := newFixtureWith(t, kms.ReleaseConfig{}, func(o *Options) { o.Audit = log })
+	ctx := callCtx(t)
+	admin := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
+	var md metadata.MD
+	if _, err := admin.CreateKeyring(ctx, &coffrev1.CreateKeyringRequest{Id: "acme/disks"}, grpc.Header(&md)); err != nil {
+		t.Fatal(err)
+	}
+	ids := md.Get(RequestIDMetadataKey)
+	if len(ids) != 1 || len(ids[0]) != 24 {
+		t.Fatalf("response header %s = %q", RequestIDMetadataKey, ids)
+	}
+	recs, err := log.Read(ctx, 0, 10)
+	if err != nil || len(recs) == 0 {
+		t.Fatalf("audit: %d records, %v", len(recs), err)
+	}
+	last := recs[len(recs)-1].Entry
+	if last.Operation != "admin.CreateKeyring" || last.RequestID != ids[0] {
+		t.Fatalf("audit entry %+v, want admin.CreateKeyring with request id %s", last, ids[0])
+	}
+	if !strings.Contains(f.log.String(), "request_id="+ids[0]) {
+		t.Error("the server's log line lacks the request id")
 	}
 }

@@ -79,7 +79,7 @@ func newFixture(t *testing.T) *fixture {
 
 // newFixtureWith is newFixture with a release configuration; its clock is
 // the fixture's, which the test moves by hand.
-func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig) *fixture {
+func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig, mods ...func(*Options)) *fixture {
 	t.Helper()
 	root := hsmtest.NewRoot(t)
 	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "coffre.db"), store.BoltOptions{})
@@ -116,13 +116,17 @@ func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.srv = New(svc, Options{
+	opts := Options{
 		MaxCallTimeout: 5 * time.Second,
 		Logger:         slog.New(slog.NewTextHandler(f.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		AdminCAs:       f.adminCA.pool,
 		Release:        rel,
 		Quorum:         q,
-	})
+	}
+	for _, m := range mods {
+		m(&opts)
+	}
+	f.srv = New(svc, opts)
 	creds := credentials.NewTLS(&tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{serverCert},
