@@ -366,8 +366,7 @@ func (l *Log) cutTornTail() error {
 	if err != nil {
 		return fmt.Errorf("audit: %w", err)
 	}
-	dropped := fi.Size() - te.Offset
-	saved, err := l.saveTorn(te.Offset, dropped)
+	saved, dropped, err := l.saveTorn(te.Offset, fi.Size()-te.Offset)
 	if err != nil {
 		return fmt.Errorf("audit: saving torn tail: %w", err)
 	}
@@ -400,18 +399,19 @@ func (l *Log) repairRecords(f *os.File, what string) (int64, error) {
 
 // saveTorn copies the bytes about to be truncated to a side file, so that
 // recovery destroys nothing.
-func (l *Log) saveTorn(off, n int64) (string, error) {
+// It returns the side file and how many bytes it kept: zeros after the
+// torn record are space allocated ahead, not data, and are not counted.
+func (l *Log) saveTorn(off, n int64) (string, int64, error) {
 	b := make([]byte, n)
 	if _, err := l.rf.ReadAt(b, off); err != nil && err != io.EOF {
-		return "", err
+		return "", 0, err
 	}
-	// Zeros after the torn record are space allocated ahead, not data.
 	b = bytes.TrimRight(b, "\x00")
 	name := filepath.Join(l.opts.Dir, fmt.Sprintf("entries.torn-%d-%d", off, l.opts.Now().UnixNano()))
 	if err := os.WriteFile(name, b, 0o600); err != nil {
-		return "", err
+		return "", 0, err
 	}
-	return name, syncLogDir(l.opts.Dir)
+	return name, int64(len(b)), syncLogDir(l.opts.Dir)
 }
 
 // loadCheckpoints finds the latest stored checkpoint and checks it against
@@ -822,7 +822,8 @@ func (l *Log) CheckpointHealth() error {
 	return l.cpErr
 }
 
-// Recovered returns how many bytes of torn tail Open truncated (0 if none).
+// Recovered returns how many bytes of torn tail Open truncated (0 if none), not
+// counting the zeros of space allocated ahead after them.
 // The bytes are kept in a file "entries.torn-<offset>-<time>" beside the log.
 func (l *Log) Recovered() (truncatedBytes int64) { return l.recovered }
 
