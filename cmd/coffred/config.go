@@ -68,6 +68,8 @@ const (
 //	                             hsm.root_key); new KEKs are then wrapped by both, and unwrapping needs both
 //	hsm.previous_roots           optional: pkcs11: URIs of earlier root keys, which only unwrap KEK versions
 //	                             not yet moved to the current root by a root rotation
+//	hsm.previous_dual_roots      optional: earlier dual roots, each {"root_key": URI, "second_root": URI},
+//	                             kept unwrap-only like hsm.previous_roots (rotating away from a dual root)
 //	hsm.root_aliases             optional: other IDs of the current root ("pkcs11:token=…;object=…", no
 //	                             query): the same key restored under other labels (a DR site), so KEK
 //	                             versions recorded under the primary's root ID unwrap here
@@ -193,8 +195,16 @@ type HSMConfig struct {
 	// PreviousRoots are the pkcs11: URIs of earlier root keys, opened so
 	// that KEK versions they wrap still unwrap during a root rotation.
 	PreviousRoots []string
+	// PreviousDualRoots are earlier dual roots (a pair of URIs each),
+	// kept unwrap-only like PreviousRoots.
+	PreviousDualRoots []DualRootConfig
 	// RootAliases are other IDs of the current root (kms.Config.RootAliases).
 	RootAliases []string
+}
+
+// DualRootConfig names the two keys of a dual root.
+type DualRootConfig struct {
+	RootKey, SecondRoot string
 }
 
 // StoreConfig selects the storage engine.
@@ -300,6 +310,13 @@ type rawHSM struct {
 	SecondRoot    *string   `json:"second_root"`
 	PreviousRoots *[]string `json:"previous_roots"`
 	RootAliases   *[]string `json:"root_aliases"`
+
+	PreviousDualRoots *[]rawDualRoot `json:"previous_dual_roots"`
+}
+
+type rawDualRoot struct {
+	RootKey    *string `json:"root_key"`
+	SecondRoot *string `json:"second_root"`
 }
 
 type rawStore struct {
@@ -860,6 +877,20 @@ func (v *validator) hsm(r *rawHSM) HSMConfig {
 				seen[id] = i
 			}
 			c.PreviousRoots = append(c.PreviousRoots, uri)
+		}
+	}
+	if r.PreviousDualRoots != nil {
+		for i, d := range *r.PreviousDualRoots {
+			path := fmt.Sprintf("hsm.previous_dual_roots[%d]", i)
+			dc := DualRootConfig{
+				RootKey:    v.str(path+".root_key", d.RootKey, "", true),
+				SecondRoot: v.str(path+".second_root", d.SecondRoot, "", true),
+			}
+			a, b := v.keyURI(path+".root_key", dc.RootKey), v.keyURI(path+".second_root", dc.SecondRoot)
+			if a != "" && a == b {
+				v.fail(path+".second_root", "names the same key as its root_key; a dual root needs a key in a second HSM")
+			}
+			c.PreviousDualRoots = append(c.PreviousDualRoots, dc)
 		}
 	}
 	if r.RootAliases != nil {

@@ -73,6 +73,23 @@ func TestOpenRoots(t *testing.T) {
 	}
 	closeAll(closers)
 
+	// Rotating away from a dual root: the pair becomes a previous dual
+	// root, and blobs it wrapped still unwrap, through both keys only.
+	_, previous, closers, err = openRoots(ctx, HSMConfig{RootKey: uriOld, PreviousDualRoots: []DualRootConfig{{RootKey: uriA, SecondRoot: uriB}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(previous) != 1 || previous[0].ID() != "dual(pkcs11:token=vendor-a;object=root,pkcs11:token=vendor-b;object=root)" {
+		t.Fatalf("previous dual root %v", previous)
+	}
+	if got, err := previous[0].Unwrap(ctx, w, []byte("aad")); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("previous dual root unwrap: %v", err)
+	}
+	if uris := previousRootURIs(HSMConfig{PreviousRoots: []string{uriOld}, PreviousDualRoots: []DualRootConfig{{RootKey: uriA, SecondRoot: uriB}}}); len(uris) != 2 || len(uris[1]) != 2 || uris[1][1] != uriB {
+		t.Errorf("previousRootURIs = %v", uris)
+	}
+	closeAll(closers)
+
 	// A missing second root likewise.
 	_, _, closers, err = openRoots(ctx, HSMConfig{RootKey: uriA, SecondRoot: s.RootURI("vendor-b", "gone", pinB)})
 	if !errors.Is(err, hsm.ErrKeyNotFound) || !strings.Contains(err.Error(), "hsm.second_root") {

@@ -154,12 +154,18 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		DestroyRoot: func(ctx context.Context, id string) error {
 			// Only a previous root can go: the current one wraps every
 			// new KEK version.
-			for i, uri := range cfg.HSM.PreviousRoots {
-				if previousRoots[i].ID() == id {
-					return pkcs11.DestroyRoot(ctx, pkcs11.Config{URI: uri, Sessions: 1})
+			for i, uris := range previousRootURIs(cfg.HSM) {
+				if previousRoots[i].ID() != id {
+					continue
 				}
+				for _, uri := range uris { // both keys of a dual root
+					if err := pkcs11.DestroyRoot(ctx, pkcs11.Config{URI: uri, Sessions: 1}); err != nil {
+						return err
+					}
+				}
+				return nil
 			}
-			return fmt.Errorf("%w: %s is not one of this server's hsm.previous_roots", kms.ErrFailedPrecondition, id)
+			return fmt.Errorf("%w: %s is not one of this server's previous roots", kms.ErrFailedPrecondition, id)
 		},
 		ExportBackup: func(ctx context.Context, to *seal.PublicKey) ([]byte, error) {
 			return kms.ExportBackup(ctx, st, kms.ExportOptions{To: to, Signer: signer, Origin: cfg.Audit.Origin})
@@ -290,7 +296,31 @@ func openRoots(ctx context.Context, cfg HSMConfig) (root hsm.Root, previous []hs
 		}
 		previous = append(previous, r)
 	}
+	for i, d := range cfg.PreviousDualRoots {
+		a, err := open(fmt.Sprintf("hsm.previous_dual_roots[%d].root_key", i), d.RootKey)
+		if err != nil {
+			return nil, nil, closers, err
+		}
+		b, err := open(fmt.Sprintf("hsm.previous_dual_roots[%d].second_root", i), d.SecondRoot)
+		if err != nil {
+			return nil, nil, closers, err
+		}
+		previous = append(previous, hsm.NewDual(a, b))
+	}
 	return root, previous, closers, nil
+}
+
+// previousRootURIs returns, for each previous root openRoots opened (in its
+// order), the URIs of its keys: one, or two for a dual root.
+func previousRootURIs(cfg HSMConfig) [][]string {
+	var out [][]string
+	for _, uri := range cfg.PreviousRoots {
+		out = append(out, []string{uri})
+	}
+	for _, d := range cfg.PreviousDualRoots {
+		out = append(out, []string{d.RootKey, d.SecondRoot})
+	}
+	return out
 }
 
 // redactedKeyID names a root key in a message without its query, which
