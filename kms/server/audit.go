@@ -89,6 +89,14 @@ func target(req any, e *audit.Entry) {
 		id = r.GetPolicy().GetKeyring()
 	case interface{ GetId() string }:
 		id = r.GetId()
+	case interface{ GetKeyring() string }: // lifecycle calls
+		id = r.GetKeyring()
+		if v, ok := req.(interface{ GetVersion() uint32 }); ok {
+			e.KeyVersion = v.GetVersion()
+		}
+	case interface{ GetTenant() string }: // RewrapEnvelope, ListKeyrings
+		e.Tenant = r.GetTenant()
+		return
 	case interface{ GetName() string }:
 		e.Reason = strings.TrimSpace(e.Reason + " node=" + r.GetName())
 		return

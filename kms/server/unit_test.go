@@ -17,6 +17,7 @@ import (
 
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/kms"
+	"github.com/coffre-kms/coffre/kms/audit"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -209,6 +210,28 @@ func TestKeyringConversion(t *testing.T) {
 	} {
 		if _, err := KeyringFromProto(bad); err == nil {
 			t.Errorf("KeyringFromProto(%v) accepted", bad)
+		}
+	}
+}
+
+// TestAuditTarget: admin calls name their keyring (and version) in the
+// audit entry's own fields.
+func TestAuditTarget(t *testing.T) {
+	for _, tc := range []struct {
+		req             any
+		tenant, keyring string
+		version         uint32
+	}{
+		{&coffrev1.RotateKeyringRequest{Id: "acme/disks"}, "acme", "acme/disks", 0},
+		{&coffrev1.KeyVersionRequest{Keyring: "acme/disks", Version: 3}, "acme", "acme/disks", 3},
+		{&coffrev1.SetRotationPeriodRequest{Keyring: "acme/disks", PeriodSeconds: 86400}, "acme", "acme/disks", 0},
+		{&coffrev1.RewrapEnvelopeRequest{Tenant: "acme"}, "acme", "", 0},
+		{&coffrev1.GetProposalRequest{Id: "0123456789abcdef"}, "", "", 0},
+	} {
+		e := &audit.Entry{}
+		target(tc.req, e)
+		if e.Tenant != tc.tenant || e.Keyring != tc.keyring || e.KeyVersion != tc.version {
+			t.Errorf("%T: tenant %q keyring %q version %d", tc.req, e.Tenant, e.Keyring, e.KeyVersion)
 		}
 	}
 }
