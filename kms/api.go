@@ -54,6 +54,12 @@ const (
 	// destroyed (NIST SP 800-57: "process" only). A compromised version
 	// cannot be enabled or disabled, only scheduled for destruction.
 	StateCompromised
+	// StatePreActive versions exist (their KEK is made and wrapped) but
+	// neither encrypt nor decrypt until promoted to primary
+	// ([Service.AddVersion], [Service.PromoteVersion]): a version can be
+	// staged — backed up to a DR site, say — before anything depends on it.
+	// A keyring has at most one, its newest version.
+	StatePreActive
 )
 
 // KeyVersion describes one KEK version of a keyring; it never holds key

@@ -108,30 +108,32 @@ func (s *Service) checkRotate(next *keyringRecord) error {
 	case StateDestroyed:
 		return fmt.Errorf("%w: keyring %s is destroyed", ErrFailedPrecondition, next.id())
 	}
-	if len(next.Versions) >= s.maxVersions {
-		return fmt.Errorf("%w: keyring %s has %d versions, the most a keyring may have", ErrFailedPrecondition, next.id(), s.maxVersions)
-	}
 	return nil
 }
 
-// rotate adds a new active version to next and makes it the primary; the
-// active version before it is deactivated and keeps decrypting.
+// rotate makes the next version the primary: the staged pre-active one if
+// there is one, else a new one; the active version before it is
+// deactivated and keeps decrypting.
 func (s *Service) rotate(ctx context.Context, next *keyringRecord) error {
 	if err := s.checkRotate(next); err != nil {
 		return err
+	}
+	staged := next.preActive()
+	if staged == nil {
+		v, err := s.stage(ctx, next)
+		if err != nil {
+			return err
+		}
+		staged = v
 	}
 	for i := range next.Versions {
 		if next.Versions[i].State == StateActive.String() {
 			next.Versions[i].State = StateDeactivated.String()
 		}
 	}
-	nv := uint32(len(next.Versions) + 1) // #nosec G115 -- bounded by MaxVersions
-	v, err := s.newVersion(ctx, next, nv)
-	if err != nil {
-		return err
-	}
-	next.Versions = append(next.Versions, v)
-	next.Primary = nv
+	staged = next.version(staged.Version) // stage may have moved the versions
+	staged.State = StateActive.String()
+	next.Primary = staged.Version
 	if next.RotationPeriod != 0 {
 		// From now, not from when it was due: a node that was down for a
 		// month rotates once, not thirty times.
@@ -168,6 +170,69 @@ func (s *Service) MarkCompromised(ctx context.Context, id KeyringID, v uint32) (
 		// rotate may have moved the versions: look the version up again.
 		next.version(v).State = StateCompromised.String()
 		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return rec.public(), nil
+}
+
+// stage appends a new pre-active version to next.
+func (s *Service) stage(ctx context.Context, next *keyringRecord) (*versionRecord, error) {
+	if len(next.Versions) >= s.maxVersions {
+		return nil, fmt.Errorf("%w: keyring %s has %d versions, the most a keyring may have", ErrFailedPrecondition, next.id(), s.maxVersions)
+	}
+	nv := uint32(len(next.Versions) + 1) // #nosec G115 -- bounded by MaxVersions
+	v, err := s.newVersion(ctx, next, nv)
+	if err != nil {
+		return nil, err
+	}
+	v.State = StatePreActive.String()
+	next.Versions = append(next.Versions, v)
+	return &next.Versions[len(next.Versions)-1], nil
+}
+
+// preActive returns r's staged version, if any (always the newest).
+func (r *keyringRecord) preActive() *versionRecord {
+	if n := len(r.Versions); n > 0 && r.Versions[n-1].state() == StatePreActive {
+		return &r.Versions[n-1]
+	}
+	return nil
+}
+
+// AddVersion stages a new KEK version of keyring id, pre-active: made and
+// wrapped by the HSM root, stored, but neither encrypting nor decrypting
+// until PromoteVersion (or the next rotation) makes it the primary. A
+// keyring has at most one staged version (ErrFailedPrecondition).
+func (s *Service) AddVersion(ctx context.Context, id KeyringID) (*Keyring, error) {
+	rec, err := s.update(ctx, id, "version staging", func(next *keyringRecord) (bool, error) {
+		if v := next.preActive(); v != nil {
+			return false, fmt.Errorf("%w: version %d of keyring %s is staged already: promote it first", ErrFailedPrecondition, v.Version, id)
+		}
+		if err := s.checkRotate(next); err != nil {
+			return false, err
+		}
+		_, err := s.stage(ctx, next)
+		return err == nil, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return rec.public(), nil
+}
+
+// PromoteVersion makes the staged version v of keyring id the primary; the
+// primary before it is deactivated and keeps decrypting.
+func (s *Service) PromoteVersion(ctx context.Context, id KeyringID, v uint32) (*Keyring, error) {
+	rec, err := s.update(ctx, id, "promotion", func(next *keyringRecord) (bool, error) {
+		vr, err := lookup(next, v)
+		if err != nil {
+			return false, err
+		}
+		if vr.state() != StatePreActive {
+			return false, fmt.Errorf("%w: version %d of keyring %s is %s, not pre-active", ErrFailedPrecondition, v, id, vr.state())
+		}
+		return true, s.rotate(ctx, next)
 	})
 	if err != nil {
 		return nil, err

@@ -636,7 +636,7 @@ func TestDecodeRecordInvariants(t *testing.T) {
 		"period without next":        func(r *keyringRecord) { r.NextRotationTime = time.Time{} },
 		"next without period":        func(r *keyringRecord) { r.RotationPeriod = 0 },
 		"period of a minute":         func(r *keyringRecord) { r.RotationPeriod = time.Minute },
-		"unknown state":              func(r *keyringRecord) { r.Versions[2].State = "pre_active" },
+		"unknown state":              func(r *keyringRecord) { r.Versions[2].State = "pending" },
 		"gap in versions":            func(r *keyringRecord) { r.Versions[2].Version = 7 },
 	} {
 		r := validRecord()
@@ -756,5 +756,52 @@ func TestMarkCompromised(t *testing.T) {
 	}
 	if _, err := f.svc.MarkCompromised(ctx, f.id, 9); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("version 9: %v", err)
+	}
+}
+
+// TestPreActiveVersion: a staged version is stored and wrapped but neither
+// encrypts nor decrypts until promoted; the next rotation promotes it
+// rather than making another; one at a time.
+func TestPreActiveVersion(t *testing.T) {
+	f := newLifecycle(t, 1)
+	ctx := ctxT(t)
+	k, err := f.svc.AddVersion(ctx, f.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.want(t, k, StateActive, StatePreActive)
+	if k.Primary != 1 {
+		t.Fatalf("primary %d after staging", k.Primary)
+	}
+	if dk, err := f.svc.GenerateDataKey(ctx, f.id, f.ec); err != nil || dk.KeyVersion != 1 {
+		t.Fatalf("data key while v2 is staged: v%d, %v", dk.KeyVersion, err)
+	}
+	if _, err := f.svc.AddVersion(ctx, f.id); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("a second staged version: %v", err)
+	}
+	if _, err := f.svc.PromoteVersion(ctx, f.id, 1); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("promoting the active version: %v", err)
+	}
+	if k, err = f.svc.PromoteVersion(ctx, f.id, 2); err != nil {
+		t.Fatal(err)
+	}
+	f.want(t, k, StateDeactivated, StateActive)
+	dk, err := f.svc.GenerateDataKey(ctx, f.id, f.ec)
+	if err != nil || dk.KeyVersion != 2 {
+		t.Fatalf("data key after promotion: v%d, %v", dk.KeyVersion, err)
+	}
+	if !f.decrypts(t, f.svc, 1) {
+		t.Fatal("v1 stopped decrypting")
+	}
+	// A rotation with a staged version promotes it.
+	if _, err := f.svc.AddVersion(ctx, f.id); err != nil {
+		t.Fatal(err)
+	}
+	if k, err = f.svc.RotateKeyring(ctx, f.id); err != nil {
+		t.Fatal(err)
+	}
+	f.want(t, k, StateDeactivated, StateDeactivated, StateActive)
+	if k.Primary != 3 {
+		t.Fatalf("rotation with v3 staged made v%d primary", k.Primary)
 	}
 }

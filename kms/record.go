@@ -66,6 +66,7 @@ var stateNames = map[KeyState]string{
 	StateDestroyScheduled: "destroy_scheduled",
 	StateDestroyed:        "destroyed",
 	StateCompromised:      "compromised",
+	StatePreActive:        "pre_active",
 }
 
 // String returns the state's name as stored and printed.
@@ -157,6 +158,9 @@ func decodeRecord(key string, b []byte) (*keyringRecord, error) {
 			if v.Version != r.Primary {
 				return nil, bad("active version %d is not the primary %d", v.Version, r.Primary)
 			}
+		}
+		if st == StatePreActive && (i != len(r.Versions)-1 || v.Version == r.Primary) {
+			return nil, bad("pre-active version %d is not the newest version, or is the primary", v.Version)
 		}
 		// Crypto-shred: a destroyed version keeps no wrapped bytes, and a
 		// version that lost them without being destroyed is damage, not a

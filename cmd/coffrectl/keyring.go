@@ -215,6 +215,8 @@ func stateName(s coffrev1.KeyState) string {
 		return "destroyed"
 	case coffrev1.KeyState_KEY_STATE_COMPROMISED:
 		return "compromised"
+	case coffrev1.KeyState_KEY_STATE_PRE_ACTIVE:
+		return "pre-active"
 	}
 	return s.String()
 }

@@ -68,6 +68,21 @@ func lifecycleCommands() []*command {
 					return c.MarkKeyVersionCompromised(ctx, r)
 				}
 			}),
+		versionCall("keyring promote", "Make the staged (pre-active) version the primary; the previous primary keeps decrypting.",
+			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+					return c.PromoteKeyVersion(ctx, r)
+				}
+			}),
+		{
+			path: "keyring add-version", args: "TENANT/NAME", nargs: 1,
+			summary: "Stage a new KEK version, pre-active: stored and wrapped, used by nothing until promoted (or the next rotation).",
+			run: func(ctx context.Context, e *env, args []string) error {
+				return adminCall(ctx, e, func(ctx context.Context, c coffrev1.AdminServiceClient) (proto.Message, error) {
+					return c.AddKeyVersion(ctx, &coffrev1.AddKeyVersionRequest{Keyring: args[0]})
+				})
+			},
+		},
 		versionCall("keyring min-decryption-version", "Refuse to open envelopes under versions below --version (reversible).",
 			func(c coffrev1.AdminServiceClient) func(context.Context, *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
 				return func(ctx context.Context, r *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {

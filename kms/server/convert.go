@@ -95,6 +95,8 @@ func keyStateToProto(s kms.KeyState) coffrev1.KeyState {
 		return coffrev1.KeyState_KEY_STATE_DESTROYED
 	case kms.StateCompromised:
 		return coffrev1.KeyState_KEY_STATE_COMPROMISED
+	case kms.StatePreActive:
+		return coffrev1.KeyState_KEY_STATE_PRE_ACTIVE
 	default:
 		return coffrev1.KeyState_KEY_STATE_UNSPECIFIED
 	}
@@ -114,6 +116,8 @@ func keyStateFromProto(s coffrev1.KeyState) (kms.KeyState, error) {
 		return kms.StateDestroyed, nil
 	case coffrev1.KeyState_KEY_STATE_COMPROMISED:
 		return kms.StateCompromised, nil
+	case coffrev1.KeyState_KEY_STATE_PRE_ACTIVE:
+		return kms.StatePreActive, nil
 	case coffrev1.KeyState_KEY_STATE_UNSPECIFIED:
 		return kms.StateUnspecified, nil
 	default:

@@ -153,6 +153,22 @@ func (a *adminService) MarkKeyVersionCompromised(ctx context.Context, req *coffr
 	return a.keyVersionCall(ctx, req, a.s.svc.MarkCompromised)
 }
 
+func (a *adminService) PromoteKeyVersion(ctx context.Context, req *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
+	return a.keyVersionCall(ctx, req, a.s.svc.PromoteVersion)
+}
+
+func (a *adminService) AddKeyVersion(ctx context.Context, req *coffrev1.AddKeyVersionRequest) (*coffrev1.Keyring, error) {
+	id, err := kms.ParseKeyringID(req.GetKeyring())
+	if err != nil {
+		return nil, a.s.fail(ctx, err)
+	}
+	k, err := a.s.svc.AddVersion(ctx, id)
+	if err != nil {
+		return nil, a.s.fail(ctx, err)
+	}
+	return KeyringToProto(k), nil
+}
+
 func (a *adminService) SetMinDecryptionVersion(ctx context.Context, req *coffrev1.KeyVersionRequest) (*coffrev1.Keyring, error) {
 	return a.keyVersionCall(ctx, req, a.s.svc.SetMinDecryptionVersion)
 }

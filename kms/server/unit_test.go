@@ -226,6 +226,7 @@ func TestAuditTarget(t *testing.T) {
 		{&coffrev1.KeyVersionRequest{Keyring: "acme/disks", Version: 3}, "acme", "acme/disks", 3},
 		{&coffrev1.SetRotationPeriodRequest{Keyring: "acme/disks", PeriodSeconds: 86400}, "acme", "acme/disks", 0},
 		{&coffrev1.RewrapEnvelopeRequest{Tenant: "acme"}, "acme", "", 0},
+		{&coffrev1.AddKeyVersionRequest{Keyring: "acme/disks"}, "acme", "acme/disks", 0},
 		{&coffrev1.GetProposalRequest{Id: "0123456789abcdef"}, "", "", 0},
 	} {
 		e := &audit.Entry{}

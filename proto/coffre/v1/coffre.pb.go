@@ -47,6 +47,9 @@ const (
 	// Believed known outside Coffre: never encrypts again; decrypts only so
 	// that its envelopes can be rewrapped before it is destroyed.
 	KeyState_KEY_STATE_COMPROMISED KeyState = 6
+	// Made and wrapped, neither encrypting nor decrypting until promoted to
+	// primary (a staged version; at most one, the newest).
+	KeyState_KEY_STATE_PRE_ACTIVE KeyState = 7
 )
 
 // Enum value maps for KeyState.
@@ -59,6 +62,7 @@ var (
 		4: "KEY_STATE_DESTROY_SCHEDULED",
 		5: "KEY_STATE_DESTROYED",
 		6: "KEY_STATE_COMPROMISED",
+		7: "KEY_STATE_PRE_ACTIVE",
 	}
 	KeyState_value = map[string]int32{
 		"KEY_STATE_UNSPECIFIED":       0,
@@ -68,6 +72,7 @@ var (
 		"KEY_STATE_DESTROY_SCHEDULED": 4,
 		"KEY_STATE_DESTROYED":         5,
 		"KEY_STATE_COMPROMISED":       6,
+		"KEY_STATE_PRE_ACTIVE":        7,
 	}
 )
 
@@ -477,6 +482,51 @@ func (x *KeyVersionRequest) GetVersion() uint32 {
 	return 0
 }
 
+type AddKeyVersionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "tenant/name".
+	Keyring       string `protobuf:"bytes,1,opt,name=keyring,proto3" json:"keyring,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddKeyVersionRequest) Reset() {
+	*x = AddKeyVersionRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddKeyVersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddKeyVersionRequest) ProtoMessage() {}
+
+func (x *AddKeyVersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddKeyVersionRequest.ProtoReflect.Descriptor instead.
+func (*AddKeyVersionRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *AddKeyVersionRequest) GetKeyring() string {
+	if x != nil {
+		return x.Keyring
+	}
+	return ""
+}
+
 type SetRotationPeriodRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Keyring string                 `protobuf:"bytes,1,opt,name=keyring,proto3" json:"keyring,omitempty"`
@@ -488,7 +538,7 @@ type SetRotationPeriodRequest struct {
 
 func (x *SetRotationPeriodRequest) Reset() {
 	*x = SetRotationPeriodRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -500,7 +550,7 @@ func (x *SetRotationPeriodRequest) String() string {
 func (*SetRotationPeriodRequest) ProtoMessage() {}
 
 func (x *SetRotationPeriodRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[2]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -513,7 +563,7 @@ func (x *SetRotationPeriodRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPeriodRequest.ProtoReflect.Descriptor instead.
 func (*SetRotationPeriodRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{2}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SetRotationPeriodRequest) GetKeyring() string {
@@ -541,7 +591,7 @@ type RewrapEnvelopeRequest struct {
 
 func (x *RewrapEnvelopeRequest) Reset() {
 	*x = RewrapEnvelopeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +603,7 @@ func (x *RewrapEnvelopeRequest) String() string {
 func (*RewrapEnvelopeRequest) ProtoMessage() {}
 
 func (x *RewrapEnvelopeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[3]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +616,7 @@ func (x *RewrapEnvelopeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrapEnvelopeRequest.ProtoReflect.Descriptor instead.
 func (*RewrapEnvelopeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{3}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RewrapEnvelopeRequest) GetTenant() string {
@@ -603,7 +653,7 @@ type RewrapEnvelopeResponse struct {
 
 func (x *RewrapEnvelopeResponse) Reset() {
 	*x = RewrapEnvelopeResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -615,7 +665,7 @@ func (x *RewrapEnvelopeResponse) String() string {
 func (*RewrapEnvelopeResponse) ProtoMessage() {}
 
 func (x *RewrapEnvelopeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[4]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -628,7 +678,7 @@ func (x *RewrapEnvelopeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrapEnvelopeResponse.ProtoReflect.Descriptor instead.
 func (*RewrapEnvelopeResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{4}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RewrapEnvelopeResponse) GetEnvelope() []byte {
@@ -665,7 +715,7 @@ type ScheduleKeyDestructionRequest struct {
 
 func (x *ScheduleKeyDestructionRequest) Reset() {
 	*x = ScheduleKeyDestructionRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +727,7 @@ func (x *ScheduleKeyDestructionRequest) String() string {
 func (*ScheduleKeyDestructionRequest) ProtoMessage() {}
 
 func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[5]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +740,7 @@ func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDestructionRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDestructionRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{5}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ScheduleKeyDestructionRequest) GetKeyring() string {
@@ -722,7 +772,7 @@ type RotateRootRequest struct {
 
 func (x *RotateRootRequest) Reset() {
 	*x = RotateRootRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -734,7 +784,7 @@ func (x *RotateRootRequest) String() string {
 func (*RotateRootRequest) ProtoMessage() {}
 
 func (x *RotateRootRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[6]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -747,7 +797,7 @@ func (x *RotateRootRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRootRequest.ProtoReflect.Descriptor instead.
 func (*RotateRootRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{6}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{7}
 }
 
 type RootRotation struct {
@@ -761,7 +811,7 @@ type RootRotation struct {
 
 func (x *RootRotation) Reset() {
 	*x = RootRotation{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -773,7 +823,7 @@ func (x *RootRotation) String() string {
 func (*RootRotation) ProtoMessage() {}
 
 func (x *RootRotation) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[7]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -786,7 +836,7 @@ func (x *RootRotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RootRotation.ProtoReflect.Descriptor instead.
 func (*RootRotation) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{7}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RootRotation) GetRootId() string {
@@ -821,7 +871,7 @@ type DestroyRootRequest struct {
 
 func (x *DestroyRootRequest) Reset() {
 	*x = DestroyRootRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +883,7 @@ func (x *DestroyRootRequest) String() string {
 func (*DestroyRootRequest) ProtoMessage() {}
 
 func (x *DestroyRootRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[8]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +896,7 @@ func (x *DestroyRootRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyRootRequest.ProtoReflect.Descriptor instead.
 func (*DestroyRootRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{8}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DestroyRootRequest) GetRootId() string {
@@ -865,7 +915,7 @@ type DestroyRootResponse struct {
 
 func (x *DestroyRootResponse) Reset() {
 	*x = DestroyRootResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -877,7 +927,7 @@ func (x *DestroyRootResponse) String() string {
 func (*DestroyRootResponse) ProtoMessage() {}
 
 func (x *DestroyRootResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[9]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -890,7 +940,7 @@ func (x *DestroyRootResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyRootResponse.ProtoReflect.Descriptor instead.
 func (*DestroyRootResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{9}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DestroyRootResponse) GetRootId() string {
@@ -910,7 +960,7 @@ type ExportBackupRequest struct {
 
 func (x *ExportBackupRequest) Reset() {
 	*x = ExportBackupRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -922,7 +972,7 @@ func (x *ExportBackupRequest) String() string {
 func (*ExportBackupRequest) ProtoMessage() {}
 
 func (x *ExportBackupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[10]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -935,7 +985,7 @@ func (x *ExportBackupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportBackupRequest.ProtoReflect.Descriptor instead.
 func (*ExportBackupRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{10}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ExportBackupRequest) GetTo() string {
@@ -955,7 +1005,7 @@ type ExportBackupResponse struct {
 
 func (x *ExportBackupResponse) Reset() {
 	*x = ExportBackupResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1017,7 @@ func (x *ExportBackupResponse) String() string {
 func (*ExportBackupResponse) ProtoMessage() {}
 
 func (x *ExportBackupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[11]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1030,7 @@ func (x *ExportBackupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportBackupResponse.ProtoReflect.Descriptor instead.
 func (*ExportBackupResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{11}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ExportBackupResponse) GetBackup() []byte {
@@ -1002,7 +1052,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1064,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[12]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1077,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{12}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProposeRequest) GetOperation() *Operation {
@@ -1057,7 +1107,7 @@ type ProposalDecision struct {
 
 func (x *ProposalDecision) Reset() {
 	*x = ProposalDecision{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1069,7 +1119,7 @@ func (x *ProposalDecision) String() string {
 func (*ProposalDecision) ProtoMessage() {}
 
 func (x *ProposalDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1082,7 +1132,7 @@ func (x *ProposalDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposalDecision.ProtoReflect.Descriptor instead.
 func (*ProposalDecision) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{13}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProposalDecision) GetAdminId() string {
@@ -1137,7 +1187,7 @@ type Proposal struct {
 
 func (x *Proposal) Reset() {
 	*x = Proposal{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1149,7 +1199,7 @@ func (x *Proposal) String() string {
 func (*Proposal) ProtoMessage() {}
 
 func (x *Proposal) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1162,7 +1212,7 @@ func (x *Proposal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Proposal.ProtoReflect.Descriptor instead.
 func (*Proposal) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{14}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Proposal) GetId() string {
@@ -1252,7 +1302,7 @@ type GetProposalRequest struct {
 
 func (x *GetProposalRequest) Reset() {
 	*x = GetProposalRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1264,7 +1314,7 @@ func (x *GetProposalRequest) String() string {
 func (*GetProposalRequest) ProtoMessage() {}
 
 func (x *GetProposalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1277,7 +1327,7 @@ func (x *GetProposalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetProposalRequest.ProtoReflect.Descriptor instead.
 func (*GetProposalRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{15}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetProposalRequest) GetId() string {
@@ -1300,7 +1350,7 @@ type ListProposalsRequest struct {
 
 func (x *ListProposalsRequest) Reset() {
 	*x = ListProposalsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1312,7 +1362,7 @@ func (x *ListProposalsRequest) String() string {
 func (*ListProposalsRequest) ProtoMessage() {}
 
 func (x *ListProposalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1325,7 +1375,7 @@ func (x *ListProposalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProposalsRequest.ProtoReflect.Descriptor instead.
 func (*ListProposalsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListProposalsRequest) GetState() string {
@@ -1351,7 +1401,7 @@ type ListProposalsResponse struct {
 
 func (x *ListProposalsResponse) Reset() {
 	*x = ListProposalsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1363,7 +1413,7 @@ func (x *ListProposalsResponse) String() string {
 func (*ListProposalsResponse) ProtoMessage() {}
 
 func (x *ListProposalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1376,7 +1426,7 @@ func (x *ListProposalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProposalsResponse.ProtoReflect.Descriptor instead.
 func (*ListProposalsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListProposalsResponse) GetProposals() []*Proposal {
@@ -1402,7 +1452,7 @@ type DecideProposalRequest struct {
 
 func (x *DecideProposalRequest) Reset() {
 	*x = DecideProposalRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1414,7 +1464,7 @@ func (x *DecideProposalRequest) String() string {
 func (*DecideProposalRequest) ProtoMessage() {}
 
 func (x *DecideProposalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1427,7 +1477,7 @@ func (x *DecideProposalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecideProposalRequest.ProtoReflect.Descriptor instead.
 func (*DecideProposalRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DecideProposalRequest) GetId() string {
@@ -1471,7 +1521,7 @@ type QuorumAdmin struct {
 
 func (x *QuorumAdmin) Reset() {
 	*x = QuorumAdmin{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1483,7 +1533,7 @@ func (x *QuorumAdmin) String() string {
 func (*QuorumAdmin) ProtoMessage() {}
 
 func (x *QuorumAdmin) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1496,7 +1546,7 @@ func (x *QuorumAdmin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QuorumAdmin.ProtoReflect.Descriptor instead.
 func (*QuorumAdmin) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *QuorumAdmin) GetName() string {
@@ -1530,7 +1580,7 @@ type SetQuorumRequest struct {
 
 func (x *SetQuorumRequest) Reset() {
 	*x = SetQuorumRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +1592,7 @@ func (x *SetQuorumRequest) String() string {
 func (*SetQuorumRequest) ProtoMessage() {}
 
 func (x *SetQuorumRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +1605,7 @@ func (x *SetQuorumRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuorumRequest.ProtoReflect.Descriptor instead.
 func (*SetQuorumRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetQuorumRequest) GetThreshold() uint32 {
@@ -1580,7 +1630,7 @@ type GetQuorumRequest struct {
 
 func (x *GetQuorumRequest) Reset() {
 	*x = GetQuorumRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1592,7 +1642,7 @@ func (x *GetQuorumRequest) String() string {
 func (*GetQuorumRequest) ProtoMessage() {}
 
 func (x *GetQuorumRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1605,7 +1655,7 @@ func (x *GetQuorumRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuorumRequest.ProtoReflect.Descriptor instead.
 func (*GetQuorumRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
 }
 
 type Quorum struct {
@@ -1620,7 +1670,7 @@ type Quorum struct {
 
 func (x *Quorum) Reset() {
 	*x = Quorum{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1632,7 +1682,7 @@ func (x *Quorum) String() string {
 func (*Quorum) ProtoMessage() {}
 
 func (x *Quorum) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1645,7 +1695,7 @@ func (x *Quorum) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quorum.ProtoReflect.Descriptor instead.
 func (*Quorum) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Quorum) GetVersion() uint64 {
@@ -1692,7 +1742,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1704,7 +1754,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1717,7 +1767,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -1776,7 +1826,7 @@ type Keyring struct {
 
 func (x *Keyring) Reset() {
 	*x = Keyring{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +1838,7 @@ func (x *Keyring) String() string {
 func (*Keyring) ProtoMessage() {}
 
 func (x *Keyring) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +1851,7 @@ func (x *Keyring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Keyring.ProtoReflect.Descriptor instead.
 func (*Keyring) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Keyring) GetId() string {
@@ -1878,7 +1928,7 @@ type CreateKeyringRequest struct {
 
 func (x *CreateKeyringRequest) Reset() {
 	*x = CreateKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1890,7 +1940,7 @@ func (x *CreateKeyringRequest) String() string {
 func (*CreateKeyringRequest) ProtoMessage() {}
 
 func (x *CreateKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1903,7 +1953,7 @@ func (x *CreateKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyringRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CreateKeyringRequest) GetId() string {
@@ -1922,7 +1972,7 @@ type GetKeyringRequest struct {
 
 func (x *GetKeyringRequest) Reset() {
 	*x = GetKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1934,7 +1984,7 @@ func (x *GetKeyringRequest) String() string {
 func (*GetKeyringRequest) ProtoMessage() {}
 
 func (x *GetKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1947,7 +1997,7 @@ func (x *GetKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyringRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetKeyringRequest) GetId() string {
@@ -1967,7 +2017,7 @@ type ListKeyringsRequest struct {
 
 func (x *ListKeyringsRequest) Reset() {
 	*x = ListKeyringsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1979,7 +2029,7 @@ func (x *ListKeyringsRequest) String() string {
 func (*ListKeyringsRequest) ProtoMessage() {}
 
 func (x *ListKeyringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1992,7 +2042,7 @@ func (x *ListKeyringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeyringsRequest.ProtoReflect.Descriptor instead.
 func (*ListKeyringsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListKeyringsRequest) GetTenant() string {
@@ -2011,7 +2061,7 @@ type ListKeyringsResponse struct {
 
 func (x *ListKeyringsResponse) Reset() {
 	*x = ListKeyringsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2023,7 +2073,7 @@ func (x *ListKeyringsResponse) String() string {
 func (*ListKeyringsResponse) ProtoMessage() {}
 
 func (x *ListKeyringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2036,7 +2086,7 @@ func (x *ListKeyringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeyringsResponse.ProtoReflect.Descriptor instead.
 func (*ListKeyringsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListKeyringsResponse) GetKeyrings() []*Keyring {
@@ -2055,7 +2105,7 @@ type RotateKeyringRequest struct {
 
 func (x *RotateKeyringRequest) Reset() {
 	*x = RotateKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2067,7 +2117,7 @@ func (x *RotateKeyringRequest) String() string {
 func (*RotateKeyringRequest) ProtoMessage() {}
 
 func (x *RotateKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2080,7 +2130,7 @@ func (x *RotateKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyringRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RotateKeyringRequest) GetId() string {
@@ -2105,7 +2155,7 @@ type SealedKey struct {
 
 func (x *SealedKey) Reset() {
 	*x = SealedKey{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2117,7 +2167,7 @@ func (x *SealedKey) String() string {
 func (*SealedKey) ProtoMessage() {}
 
 func (x *SealedKey) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2180,7 @@ func (x *SealedKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SealedKey.ProtoReflect.Descriptor instead.
 func (*SealedKey) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SealedKey) GetSeal() isSealedKey_Seal {
@@ -2197,7 +2247,7 @@ type SessionSealed struct {
 
 func (x *SessionSealed) Reset() {
 	*x = SessionSealed{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2209,7 +2259,7 @@ func (x *SessionSealed) String() string {
 func (*SessionSealed) ProtoMessage() {}
 
 func (x *SessionSealed) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2222,7 +2272,7 @@ func (x *SessionSealed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionSealed.ProtoReflect.Descriptor instead.
 func (*SessionSealed) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SessionSealed) GetSeq() uint64 {
@@ -2250,7 +2300,7 @@ type TPMDuplicate struct {
 
 func (x *TPMDuplicate) Reset() {
 	*x = TPMDuplicate{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2262,7 +2312,7 @@ func (x *TPMDuplicate) String() string {
 func (*TPMDuplicate) ProtoMessage() {}
 
 func (x *TPMDuplicate) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2275,7 +2325,7 @@ func (x *TPMDuplicate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TPMDuplicate.ProtoReflect.Descriptor instead.
 func (*TPMDuplicate) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *TPMDuplicate) GetDuplicate() []byte {
@@ -2312,7 +2362,7 @@ type GenerateDataKeyRequest struct {
 
 func (x *GenerateDataKeyRequest) Reset() {
 	*x = GenerateDataKeyRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2324,7 +2374,7 @@ func (x *GenerateDataKeyRequest) String() string {
 func (*GenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2337,7 +2387,7 @@ func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GenerateDataKeyRequest) GetKeyring() string {
@@ -2365,7 +2415,7 @@ type GenerateDataKeyResponse struct {
 
 func (x *GenerateDataKeyResponse) Reset() {
 	*x = GenerateDataKeyResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2377,7 +2427,7 @@ func (x *GenerateDataKeyResponse) String() string {
 func (*GenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2390,7 +2440,7 @@ func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GenerateDataKeyResponse) GetEnvelope() []byte {
@@ -2424,7 +2474,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2436,7 +2486,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2449,7 +2499,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{35}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DecryptRequest) GetEnvelope() []byte {
@@ -2475,7 +2525,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2487,7 +2537,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2500,7 +2550,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{36}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DecryptResponse) GetKey() *SealedKey {
@@ -2524,7 +2574,7 @@ type ReEncryptRequest struct {
 
 func (x *ReEncryptRequest) Reset() {
 	*x = ReEncryptRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2536,7 +2586,7 @@ func (x *ReEncryptRequest) String() string {
 func (*ReEncryptRequest) ProtoMessage() {}
 
 func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2549,7 +2599,7 @@ func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{37}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ReEncryptRequest) GetEnvelope() []byte {
@@ -2590,7 +2640,7 @@ type ReEncryptResponse struct {
 
 func (x *ReEncryptResponse) Reset() {
 	*x = ReEncryptResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2602,7 +2652,7 @@ func (x *ReEncryptResponse) String() string {
 func (*ReEncryptResponse) ProtoMessage() {}
 
 func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2615,7 +2665,7 @@ func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{38}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ReEncryptResponse) GetEnvelope() []byte {
@@ -2649,7 +2699,7 @@ type KeyringPolicy struct {
 
 func (x *KeyringPolicy) Reset() {
 	*x = KeyringPolicy{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2661,7 +2711,7 @@ func (x *KeyringPolicy) String() string {
 func (*KeyringPolicy) ProtoMessage() {}
 
 func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2674,7 +2724,7 @@ func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringPolicy.ProtoReflect.Descriptor instead.
 func (*KeyringPolicy) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{39}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *KeyringPolicy) GetKeyring() string {
@@ -2714,7 +2764,7 @@ type SetKeyringPolicyRequest struct {
 
 func (x *SetKeyringPolicyRequest) Reset() {
 	*x = SetKeyringPolicyRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2726,7 +2776,7 @@ func (x *SetKeyringPolicyRequest) String() string {
 func (*SetKeyringPolicyRequest) ProtoMessage() {}
 
 func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2739,7 +2789,7 @@ func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyringPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyringPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{40}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *SetKeyringPolicyRequest) GetPolicy() *KeyringPolicy {
@@ -2761,7 +2811,7 @@ type EKRoot struct {
 
 func (x *EKRoot) Reset() {
 	*x = EKRoot{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2773,7 +2823,7 @@ func (x *EKRoot) String() string {
 func (*EKRoot) ProtoMessage() {}
 
 func (x *EKRoot) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2786,7 +2836,7 @@ func (x *EKRoot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EKRoot.ProtoReflect.Descriptor instead.
 func (*EKRoot) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{41}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *EKRoot) GetFingerprint() string {
@@ -2820,7 +2870,7 @@ type AddEKRootRequest struct {
 
 func (x *AddEKRootRequest) Reset() {
 	*x = AddEKRootRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2832,7 +2882,7 @@ func (x *AddEKRootRequest) String() string {
 func (*AddEKRootRequest) ProtoMessage() {}
 
 func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2845,7 +2895,7 @@ func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEKRootRequest.ProtoReflect.Descriptor instead.
 func (*AddEKRootRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{42}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AddEKRootRequest) GetCertificate() []byte {
@@ -2863,7 +2913,7 @@ type ListEKRootsRequest struct {
 
 func (x *ListEKRootsRequest) Reset() {
 	*x = ListEKRootsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2875,7 +2925,7 @@ func (x *ListEKRootsRequest) String() string {
 func (*ListEKRootsRequest) ProtoMessage() {}
 
 func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2888,7 +2938,7 @@ func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEKRootsRequest.ProtoReflect.Descriptor instead.
 func (*ListEKRootsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{43}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{44}
 }
 
 type ListEKRootsResponse struct {
@@ -2900,7 +2950,7 @@ type ListEKRootsResponse struct {
 
 func (x *ListEKRootsResponse) Reset() {
 	*x = ListEKRootsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2912,7 +2962,7 @@ func (x *ListEKRootsResponse) String() string {
 func (*ListEKRootsResponse) ProtoMessage() {}
 
 func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2925,7 +2975,7 @@ func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEKRootsResponse.ProtoReflect.Descriptor instead.
 func (*ListEKRootsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{44}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ListEKRootsResponse) GetRoots() []*EKRoot {
@@ -2946,7 +2996,7 @@ type PCRReference struct {
 
 func (x *PCRReference) Reset() {
 	*x = PCRReference{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2958,7 +3008,7 @@ func (x *PCRReference) String() string {
 func (*PCRReference) ProtoMessage() {}
 
 func (x *PCRReference) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2971,7 +3021,7 @@ func (x *PCRReference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRReference.ProtoReflect.Descriptor instead.
 func (*PCRReference) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{45}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *PCRReference) GetIndex() uint32 {
@@ -3000,7 +3050,7 @@ type NodeClass struct {
 
 func (x *NodeClass) Reset() {
 	*x = NodeClass{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3012,7 +3062,7 @@ func (x *NodeClass) String() string {
 func (*NodeClass) ProtoMessage() {}
 
 func (x *NodeClass) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3025,7 +3075,7 @@ func (x *NodeClass) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeClass.ProtoReflect.Descriptor instead.
 func (*NodeClass) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{46}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *NodeClass) GetName() string {
@@ -3058,7 +3108,7 @@ type SetNodeClassRequest struct {
 
 func (x *SetNodeClassRequest) Reset() {
 	*x = SetNodeClassRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3070,7 +3120,7 @@ func (x *SetNodeClassRequest) String() string {
 func (*SetNodeClassRequest) ProtoMessage() {}
 
 func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3083,7 +3133,7 @@ func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeClassRequest.ProtoReflect.Descriptor instead.
 func (*SetNodeClassRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{47}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SetNodeClassRequest) GetClass() *NodeClass {
@@ -3110,7 +3160,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3122,7 +3172,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3135,7 +3185,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{48}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *Node) GetName() string {
@@ -3203,7 +3253,7 @@ type EnrollNodeRequest struct {
 
 func (x *EnrollNodeRequest) Reset() {
 	*x = EnrollNodeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3215,7 +3265,7 @@ func (x *EnrollNodeRequest) String() string {
 func (*EnrollNodeRequest) ProtoMessage() {}
 
 func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3228,7 +3278,7 @@ func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrollNodeRequest.ProtoReflect.Descriptor instead.
 func (*EnrollNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{49}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *EnrollNodeRequest) GetName() string {
@@ -3305,7 +3355,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3317,7 +3367,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3330,7 +3380,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{50}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -3348,7 +3398,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3360,7 +3410,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3373,7 +3423,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{51}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{52}
 }
 
 type ListNodesResponse struct {
@@ -3385,7 +3435,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3397,7 +3447,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3410,7 +3460,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{52}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -3434,7 +3484,7 @@ type ChallengeRequest struct {
 
 func (x *ChallengeRequest) Reset() {
 	*x = ChallengeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3446,7 +3496,7 @@ func (x *ChallengeRequest) String() string {
 func (*ChallengeRequest) ProtoMessage() {}
 
 func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3459,7 +3509,7 @@ func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeRequest.ProtoReflect.Descriptor instead.
 func (*ChallengeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{53}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ChallengeRequest) GetEkCertificate() []byte {
@@ -3502,7 +3552,7 @@ type ChallengeResponse struct {
 
 func (x *ChallengeResponse) Reset() {
 	*x = ChallengeResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3514,7 +3564,7 @@ func (x *ChallengeResponse) String() string {
 func (*ChallengeResponse) ProtoMessage() {}
 
 func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3527,7 +3577,7 @@ func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeResponse.ProtoReflect.Descriptor instead.
 func (*ChallengeResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{54}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ChallengeResponse) GetChallengeId() string {
@@ -3582,7 +3632,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3594,7 +3644,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3607,7 +3657,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{55}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -3647,7 +3697,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3659,7 +3709,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3672,7 +3722,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{56}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CompleteRequest) GetChallengeId() string {
@@ -3754,7 +3804,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3766,7 +3816,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3779,7 +3829,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{57}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CompleteResponse) GetSessionToken() string {
@@ -3848,7 +3898,9 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x02op\"G\n" +
 	"\x11KeyVersionRequest\x12\x18\n" +
 	"\akeyring\x18\x01 \x01(\tR\akeyring\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\rR\aversion\"[\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"0\n" +
+	"\x14AddKeyVersionRequest\x12\x18\n" +
+	"\akeyring\x18\x01 \x01(\tR\akeyring\"[\n" +
 	"\x18SetRotationPeriodRequest\x12\x18\n" +
 	"\akeyring\x18\x01 \x01(\tR\akeyring\x12%\n" +
 	"\x0eperiod_seconds\x18\x02 \x01(\x04R\rperiodSeconds\"\xd0\x01\n" +
@@ -4101,7 +4153,7 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"sessionEnc\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xc3\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xdd\x01\n" +
 	"\bKeyState\x12\x19\n" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -4109,7 +4161,8 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x12KEY_STATE_DISABLED\x10\x03\x12\x1f\n" +
 	"\x1bKEY_STATE_DESTROY_SCHEDULED\x10\x04\x12\x17\n" +
 	"\x13KEY_STATE_DESTROYED\x10\x05\x12\x19\n" +
-	"\x15KEY_STATE_COMPROMISED\x10\x06*E\n" +
+	"\x15KEY_STATE_COMPROMISED\x10\x06\x12\x18\n" +
+	"\x14KEY_STATE_PRE_ACTIVE\x10\a*E\n" +
 	"\aRelease\x12\x17\n" +
 	"\x13RELEASE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fRELEASE_HPKE\x10\x01\x12\x0f\n" +
@@ -4117,8 +4170,7 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NODE_STATE_ENROLLED\x10\x01\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x022\xef\n" +
-	"\n" +
+	"\x12NODE_STATE_REVOKED\x10\x022\xfc\v\n" +
 	"\fAdminService\x12D\n" +
 	"\rCreateKeyring\x12\x1f.coffre.v1.CreateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12>\n" +
 	"\n" +
@@ -4128,7 +4180,9 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x11DisableKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12D\n" +
 	"\x10EnableKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12H\n" +
 	"\x14CancelKeyDestruction\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12M\n" +
-	"\x19MarkKeyVersionCompromised\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12K\n" +
+	"\x19MarkKeyVersionCompromised\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12D\n" +
+	"\rAddKeyVersion\x12\x1f.coffre.v1.AddKeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12E\n" +
+	"\x11PromoteKeyVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12K\n" +
 	"\x17SetMinDecryptionVersion\x12\x1c.coffre.v1.KeyVersionRequest\x1a\x12.coffre.v1.Keyring\x12L\n" +
 	"\x11SetRotationPeriod\x12#.coffre.v1.SetRotationPeriodRequest\x1a\x12.coffre.v1.Keyring\x12U\n" +
 	"\x0eRewrapEnvelope\x12 .coffre.v1.RewrapEnvelopeRequest\x1a!.coffre.v1.RewrapEnvelopeResponse\x12L\n" +
@@ -4163,183 +4217,188 @@ func file_coffre_v1_coffre_proto_rawDescGZIP() []byte {
 }
 
 var file_coffre_v1_coffre_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 67)
+var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
 var file_coffre_v1_coffre_proto_goTypes = []any{
 	(KeyState)(0),                         // 0: coffre.v1.KeyState
 	(Release)(0),                          // 1: coffre.v1.Release
 	(NodeState)(0),                        // 2: coffre.v1.NodeState
 	(*Operation)(nil),                     // 3: coffre.v1.Operation
 	(*KeyVersionRequest)(nil),             // 4: coffre.v1.KeyVersionRequest
-	(*SetRotationPeriodRequest)(nil),      // 5: coffre.v1.SetRotationPeriodRequest
-	(*RewrapEnvelopeRequest)(nil),         // 6: coffre.v1.RewrapEnvelopeRequest
-	(*RewrapEnvelopeResponse)(nil),        // 7: coffre.v1.RewrapEnvelopeResponse
-	(*ScheduleKeyDestructionRequest)(nil), // 8: coffre.v1.ScheduleKeyDestructionRequest
-	(*RotateRootRequest)(nil),             // 9: coffre.v1.RotateRootRequest
-	(*RootRotation)(nil),                  // 10: coffre.v1.RootRotation
-	(*DestroyRootRequest)(nil),            // 11: coffre.v1.DestroyRootRequest
-	(*DestroyRootResponse)(nil),           // 12: coffre.v1.DestroyRootResponse
-	(*ExportBackupRequest)(nil),           // 13: coffre.v1.ExportBackupRequest
-	(*ExportBackupResponse)(nil),          // 14: coffre.v1.ExportBackupResponse
-	(*ProposeRequest)(nil),                // 15: coffre.v1.ProposeRequest
-	(*ProposalDecision)(nil),              // 16: coffre.v1.ProposalDecision
-	(*Proposal)(nil),                      // 17: coffre.v1.Proposal
-	(*GetProposalRequest)(nil),            // 18: coffre.v1.GetProposalRequest
-	(*ListProposalsRequest)(nil),          // 19: coffre.v1.ListProposalsRequest
-	(*ListProposalsResponse)(nil),         // 20: coffre.v1.ListProposalsResponse
-	(*DecideProposalRequest)(nil),         // 21: coffre.v1.DecideProposalRequest
-	(*QuorumAdmin)(nil),                   // 22: coffre.v1.QuorumAdmin
-	(*SetQuorumRequest)(nil),              // 23: coffre.v1.SetQuorumRequest
-	(*GetQuorumRequest)(nil),              // 24: coffre.v1.GetQuorumRequest
-	(*Quorum)(nil),                        // 25: coffre.v1.Quorum
-	(*KeyVersion)(nil),                    // 26: coffre.v1.KeyVersion
-	(*Keyring)(nil),                       // 27: coffre.v1.Keyring
-	(*CreateKeyringRequest)(nil),          // 28: coffre.v1.CreateKeyringRequest
-	(*GetKeyringRequest)(nil),             // 29: coffre.v1.GetKeyringRequest
-	(*ListKeyringsRequest)(nil),           // 30: coffre.v1.ListKeyringsRequest
-	(*ListKeyringsResponse)(nil),          // 31: coffre.v1.ListKeyringsResponse
-	(*RotateKeyringRequest)(nil),          // 32: coffre.v1.RotateKeyringRequest
-	(*SealedKey)(nil),                     // 33: coffre.v1.SealedKey
-	(*SessionSealed)(nil),                 // 34: coffre.v1.SessionSealed
-	(*TPMDuplicate)(nil),                  // 35: coffre.v1.TPMDuplicate
-	(*GenerateDataKeyRequest)(nil),        // 36: coffre.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil),       // 37: coffre.v1.GenerateDataKeyResponse
-	(*DecryptRequest)(nil),                // 38: coffre.v1.DecryptRequest
-	(*DecryptResponse)(nil),               // 39: coffre.v1.DecryptResponse
-	(*ReEncryptRequest)(nil),              // 40: coffre.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),             // 41: coffre.v1.ReEncryptResponse
-	(*KeyringPolicy)(nil),                 // 42: coffre.v1.KeyringPolicy
-	(*SetKeyringPolicyRequest)(nil),       // 43: coffre.v1.SetKeyringPolicyRequest
-	(*EKRoot)(nil),                        // 44: coffre.v1.EKRoot
-	(*AddEKRootRequest)(nil),              // 45: coffre.v1.AddEKRootRequest
-	(*ListEKRootsRequest)(nil),            // 46: coffre.v1.ListEKRootsRequest
-	(*ListEKRootsResponse)(nil),           // 47: coffre.v1.ListEKRootsResponse
-	(*PCRReference)(nil),                  // 48: coffre.v1.PCRReference
-	(*NodeClass)(nil),                     // 49: coffre.v1.NodeClass
-	(*SetNodeClassRequest)(nil),           // 50: coffre.v1.SetNodeClassRequest
-	(*Node)(nil),                          // 51: coffre.v1.Node
-	(*EnrollNodeRequest)(nil),             // 52: coffre.v1.EnrollNodeRequest
-	(*RevokeNodeRequest)(nil),             // 53: coffre.v1.RevokeNodeRequest
-	(*ListNodesRequest)(nil),              // 54: coffre.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),             // 55: coffre.v1.ListNodesResponse
-	(*ChallengeRequest)(nil),              // 56: coffre.v1.ChallengeRequest
-	(*ChallengeResponse)(nil),             // 57: coffre.v1.ChallengeResponse
-	(*PCRValue)(nil),                      // 58: coffre.v1.PCRValue
-	(*CompleteRequest)(nil),               // 59: coffre.v1.CompleteRequest
-	(*CompleteResponse)(nil),              // 60: coffre.v1.CompleteResponse
-	nil,                                   // 61: coffre.v1.RewrapEnvelopeRequest.ContextEntry
-	nil,                                   // 62: coffre.v1.GenerateDataKeyRequest.ContextEntry
-	nil,                                   // 63: coffre.v1.DecryptRequest.ContextEntry
-	nil,                                   // 64: coffre.v1.ReEncryptRequest.ContextEntry
-	nil,                                   // 65: coffre.v1.ReEncryptRequest.DestinationContextEntry
-	nil,                                   // 66: coffre.v1.KeyringPolicy.RequiredLabelsEntry
-	nil,                                   // 67: coffre.v1.Node.LabelsEntry
-	nil,                                   // 68: coffre.v1.EnrollNodeRequest.LabelsEntry
-	nil,                                   // 69: coffre.v1.CompleteResponse.LabelsEntry
-	(*timestamppb.Timestamp)(nil),         // 70: google.protobuf.Timestamp
+	(*AddKeyVersionRequest)(nil),          // 5: coffre.v1.AddKeyVersionRequest
+	(*SetRotationPeriodRequest)(nil),      // 6: coffre.v1.SetRotationPeriodRequest
+	(*RewrapEnvelopeRequest)(nil),         // 7: coffre.v1.RewrapEnvelopeRequest
+	(*RewrapEnvelopeResponse)(nil),        // 8: coffre.v1.RewrapEnvelopeResponse
+	(*ScheduleKeyDestructionRequest)(nil), // 9: coffre.v1.ScheduleKeyDestructionRequest
+	(*RotateRootRequest)(nil),             // 10: coffre.v1.RotateRootRequest
+	(*RootRotation)(nil),                  // 11: coffre.v1.RootRotation
+	(*DestroyRootRequest)(nil),            // 12: coffre.v1.DestroyRootRequest
+	(*DestroyRootResponse)(nil),           // 13: coffre.v1.DestroyRootResponse
+	(*ExportBackupRequest)(nil),           // 14: coffre.v1.ExportBackupRequest
+	(*ExportBackupResponse)(nil),          // 15: coffre.v1.ExportBackupResponse
+	(*ProposeRequest)(nil),                // 16: coffre.v1.ProposeRequest
+	(*ProposalDecision)(nil),              // 17: coffre.v1.ProposalDecision
+	(*Proposal)(nil),                      // 18: coffre.v1.Proposal
+	(*GetProposalRequest)(nil),            // 19: coffre.v1.GetProposalRequest
+	(*ListProposalsRequest)(nil),          // 20: coffre.v1.ListProposalsRequest
+	(*ListProposalsResponse)(nil),         // 21: coffre.v1.ListProposalsResponse
+	(*DecideProposalRequest)(nil),         // 22: coffre.v1.DecideProposalRequest
+	(*QuorumAdmin)(nil),                   // 23: coffre.v1.QuorumAdmin
+	(*SetQuorumRequest)(nil),              // 24: coffre.v1.SetQuorumRequest
+	(*GetQuorumRequest)(nil),              // 25: coffre.v1.GetQuorumRequest
+	(*Quorum)(nil),                        // 26: coffre.v1.Quorum
+	(*KeyVersion)(nil),                    // 27: coffre.v1.KeyVersion
+	(*Keyring)(nil),                       // 28: coffre.v1.Keyring
+	(*CreateKeyringRequest)(nil),          // 29: coffre.v1.CreateKeyringRequest
+	(*GetKeyringRequest)(nil),             // 30: coffre.v1.GetKeyringRequest
+	(*ListKeyringsRequest)(nil),           // 31: coffre.v1.ListKeyringsRequest
+	(*ListKeyringsResponse)(nil),          // 32: coffre.v1.ListKeyringsResponse
+	(*RotateKeyringRequest)(nil),          // 33: coffre.v1.RotateKeyringRequest
+	(*SealedKey)(nil),                     // 34: coffre.v1.SealedKey
+	(*SessionSealed)(nil),                 // 35: coffre.v1.SessionSealed
+	(*TPMDuplicate)(nil),                  // 36: coffre.v1.TPMDuplicate
+	(*GenerateDataKeyRequest)(nil),        // 37: coffre.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),       // 38: coffre.v1.GenerateDataKeyResponse
+	(*DecryptRequest)(nil),                // 39: coffre.v1.DecryptRequest
+	(*DecryptResponse)(nil),               // 40: coffre.v1.DecryptResponse
+	(*ReEncryptRequest)(nil),              // 41: coffre.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),             // 42: coffre.v1.ReEncryptResponse
+	(*KeyringPolicy)(nil),                 // 43: coffre.v1.KeyringPolicy
+	(*SetKeyringPolicyRequest)(nil),       // 44: coffre.v1.SetKeyringPolicyRequest
+	(*EKRoot)(nil),                        // 45: coffre.v1.EKRoot
+	(*AddEKRootRequest)(nil),              // 46: coffre.v1.AddEKRootRequest
+	(*ListEKRootsRequest)(nil),            // 47: coffre.v1.ListEKRootsRequest
+	(*ListEKRootsResponse)(nil),           // 48: coffre.v1.ListEKRootsResponse
+	(*PCRReference)(nil),                  // 49: coffre.v1.PCRReference
+	(*NodeClass)(nil),                     // 50: coffre.v1.NodeClass
+	(*SetNodeClassRequest)(nil),           // 51: coffre.v1.SetNodeClassRequest
+	(*Node)(nil),                          // 52: coffre.v1.Node
+	(*EnrollNodeRequest)(nil),             // 53: coffre.v1.EnrollNodeRequest
+	(*RevokeNodeRequest)(nil),             // 54: coffre.v1.RevokeNodeRequest
+	(*ListNodesRequest)(nil),              // 55: coffre.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),             // 56: coffre.v1.ListNodesResponse
+	(*ChallengeRequest)(nil),              // 57: coffre.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),             // 58: coffre.v1.ChallengeResponse
+	(*PCRValue)(nil),                      // 59: coffre.v1.PCRValue
+	(*CompleteRequest)(nil),               // 60: coffre.v1.CompleteRequest
+	(*CompleteResponse)(nil),              // 61: coffre.v1.CompleteResponse
+	nil,                                   // 62: coffre.v1.RewrapEnvelopeRequest.ContextEntry
+	nil,                                   // 63: coffre.v1.GenerateDataKeyRequest.ContextEntry
+	nil,                                   // 64: coffre.v1.DecryptRequest.ContextEntry
+	nil,                                   // 65: coffre.v1.ReEncryptRequest.ContextEntry
+	nil,                                   // 66: coffre.v1.ReEncryptRequest.DestinationContextEntry
+	nil,                                   // 67: coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	nil,                                   // 68: coffre.v1.Node.LabelsEntry
+	nil,                                   // 69: coffre.v1.EnrollNodeRequest.LabelsEntry
+	nil,                                   // 70: coffre.v1.CompleteResponse.LabelsEntry
+	(*timestamppb.Timestamp)(nil),         // 71: google.protobuf.Timestamp
 }
 var file_coffre_v1_coffre_proto_depIdxs = []int32{
-	43, // 0: coffre.v1.Operation.set_keyring_policy:type_name -> coffre.v1.SetKeyringPolicyRequest
-	45, // 1: coffre.v1.Operation.add_ek_root:type_name -> coffre.v1.AddEKRootRequest
-	50, // 2: coffre.v1.Operation.set_node_class:type_name -> coffre.v1.SetNodeClassRequest
-	52, // 3: coffre.v1.Operation.enroll_node:type_name -> coffre.v1.EnrollNodeRequest
-	53, // 4: coffre.v1.Operation.revoke_node:type_name -> coffre.v1.RevokeNodeRequest
-	23, // 5: coffre.v1.Operation.set_quorum:type_name -> coffre.v1.SetQuorumRequest
-	8,  // 6: coffre.v1.Operation.schedule_key_destruction:type_name -> coffre.v1.ScheduleKeyDestructionRequest
-	9,  // 7: coffre.v1.Operation.rotate_root:type_name -> coffre.v1.RotateRootRequest
-	11, // 8: coffre.v1.Operation.destroy_root:type_name -> coffre.v1.DestroyRootRequest
-	13, // 9: coffre.v1.Operation.export_backup:type_name -> coffre.v1.ExportBackupRequest
-	61, // 10: coffre.v1.RewrapEnvelopeRequest.context:type_name -> coffre.v1.RewrapEnvelopeRequest.ContextEntry
+	44, // 0: coffre.v1.Operation.set_keyring_policy:type_name -> coffre.v1.SetKeyringPolicyRequest
+	46, // 1: coffre.v1.Operation.add_ek_root:type_name -> coffre.v1.AddEKRootRequest
+	51, // 2: coffre.v1.Operation.set_node_class:type_name -> coffre.v1.SetNodeClassRequest
+	53, // 3: coffre.v1.Operation.enroll_node:type_name -> coffre.v1.EnrollNodeRequest
+	54, // 4: coffre.v1.Operation.revoke_node:type_name -> coffre.v1.RevokeNodeRequest
+	24, // 5: coffre.v1.Operation.set_quorum:type_name -> coffre.v1.SetQuorumRequest
+	9,  // 6: coffre.v1.Operation.schedule_key_destruction:type_name -> coffre.v1.ScheduleKeyDestructionRequest
+	10, // 7: coffre.v1.Operation.rotate_root:type_name -> coffre.v1.RotateRootRequest
+	12, // 8: coffre.v1.Operation.destroy_root:type_name -> coffre.v1.DestroyRootRequest
+	14, // 9: coffre.v1.Operation.export_backup:type_name -> coffre.v1.ExportBackupRequest
+	62, // 10: coffre.v1.RewrapEnvelopeRequest.context:type_name -> coffre.v1.RewrapEnvelopeRequest.ContextEntry
 	3,  // 11: coffre.v1.ProposeRequest.operation:type_name -> coffre.v1.Operation
-	70, // 12: coffre.v1.ProposalDecision.time:type_name -> google.protobuf.Timestamp
-	16, // 13: coffre.v1.Proposal.decisions:type_name -> coffre.v1.ProposalDecision
-	70, // 14: coffre.v1.Proposal.create_time:type_name -> google.protobuf.Timestamp
-	70, // 15: coffre.v1.Proposal.expire_time:type_name -> google.protobuf.Timestamp
-	17, // 16: coffre.v1.ListProposalsResponse.proposals:type_name -> coffre.v1.Proposal
-	22, // 17: coffre.v1.SetQuorumRequest.admins:type_name -> coffre.v1.QuorumAdmin
-	22, // 18: coffre.v1.Quorum.admins:type_name -> coffre.v1.QuorumAdmin
-	22, // 19: coffre.v1.Quorum.revoked:type_name -> coffre.v1.QuorumAdmin
+	71, // 12: coffre.v1.ProposalDecision.time:type_name -> google.protobuf.Timestamp
+	17, // 13: coffre.v1.Proposal.decisions:type_name -> coffre.v1.ProposalDecision
+	71, // 14: coffre.v1.Proposal.create_time:type_name -> google.protobuf.Timestamp
+	71, // 15: coffre.v1.Proposal.expire_time:type_name -> google.protobuf.Timestamp
+	18, // 16: coffre.v1.ListProposalsResponse.proposals:type_name -> coffre.v1.Proposal
+	23, // 17: coffre.v1.SetQuorumRequest.admins:type_name -> coffre.v1.QuorumAdmin
+	23, // 18: coffre.v1.Quorum.admins:type_name -> coffre.v1.QuorumAdmin
+	23, // 19: coffre.v1.Quorum.revoked:type_name -> coffre.v1.QuorumAdmin
 	0,  // 20: coffre.v1.KeyVersion.state:type_name -> coffre.v1.KeyState
-	70, // 21: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	70, // 22: coffre.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
-	70, // 23: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
-	26, // 24: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
-	70, // 25: coffre.v1.Keyring.next_rotation_time:type_name -> google.protobuf.Timestamp
-	27, // 26: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
-	35, // 27: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
-	34, // 28: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
-	62, // 29: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
-	33, // 30: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
-	63, // 31: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
-	33, // 32: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
-	64, // 33: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
-	65, // 34: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
-	66, // 35: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	71, // 21: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	71, // 22: coffre.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	71, // 23: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
+	27, // 24: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
+	71, // 25: coffre.v1.Keyring.next_rotation_time:type_name -> google.protobuf.Timestamp
+	28, // 26: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
+	36, // 27: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
+	35, // 28: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
+	63, // 29: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
+	34, // 30: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
+	64, // 31: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
+	34, // 32: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
+	65, // 33: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
+	66, // 34: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
+	67, // 35: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
 	1,  // 36: coffre.v1.KeyringPolicy.release:type_name -> coffre.v1.Release
-	42, // 37: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
-	70, // 38: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
-	44, // 39: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
-	48, // 40: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
-	49, // 41: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
-	67, // 42: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
+	43, // 37: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
+	71, // 38: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
+	45, // 39: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
+	49, // 40: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
+	50, // 41: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
+	68, // 42: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
 	2,  // 43: coffre.v1.Node.state:type_name -> coffre.v1.NodeState
-	70, // 44: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
-	70, // 45: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
-	68, // 46: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
-	51, // 47: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
-	70, // 48: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
-	58, // 49: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
-	70, // 50: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
-	69, // 51: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
-	28, // 52: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
-	29, // 53: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
-	30, // 54: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
-	32, // 55: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
+	71, // 44: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
+	71, // 45: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
+	69, // 46: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
+	52, // 47: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
+	71, // 48: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
+	59, // 49: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
+	71, // 50: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
+	70, // 51: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
+	29, // 52: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
+	30, // 53: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
+	31, // 54: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
+	33, // 55: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
 	4,  // 56: coffre.v1.AdminService.DisableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
 	4,  // 57: coffre.v1.AdminService.EnableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
 	4,  // 58: coffre.v1.AdminService.CancelKeyDestruction:input_type -> coffre.v1.KeyVersionRequest
 	4,  // 59: coffre.v1.AdminService.MarkKeyVersionCompromised:input_type -> coffre.v1.KeyVersionRequest
-	4,  // 60: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
-	5,  // 61: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
-	6,  // 62: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
-	46, // 63: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
-	54, // 64: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
-	15, // 65: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
-	18, // 66: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
-	19, // 67: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
-	21, // 68: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
-	23, // 69: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
-	24, // 70: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
-	56, // 71: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
-	59, // 72: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
-	36, // 73: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
-	38, // 74: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
-	40, // 75: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
-	27, // 76: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
-	27, // 77: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
-	31, // 78: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
-	27, // 79: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
-	27, // 80: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
-	27, // 81: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
-	27, // 82: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
-	27, // 83: coffre.v1.AdminService.MarkKeyVersionCompromised:output_type -> coffre.v1.Keyring
-	27, // 84: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
-	27, // 85: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
-	7,  // 86: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
-	47, // 87: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
-	55, // 88: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
-	17, // 89: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
-	17, // 90: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
-	20, // 91: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
-	17, // 92: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
-	25, // 93: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
-	25, // 94: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
-	57, // 95: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
-	60, // 96: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
-	37, // 97: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
-	39, // 98: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
-	41, // 99: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
-	76, // [76:100] is the sub-list for method output_type
-	52, // [52:76] is the sub-list for method input_type
+	5,  // 60: coffre.v1.AdminService.AddKeyVersion:input_type -> coffre.v1.AddKeyVersionRequest
+	4,  // 61: coffre.v1.AdminService.PromoteKeyVersion:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 62: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
+	6,  // 63: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
+	7,  // 64: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
+	47, // 65: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
+	55, // 66: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
+	16, // 67: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
+	19, // 68: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
+	20, // 69: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
+	22, // 70: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
+	24, // 71: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
+	25, // 72: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
+	57, // 73: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
+	60, // 74: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
+	37, // 75: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
+	39, // 76: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
+	41, // 77: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
+	28, // 78: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
+	28, // 79: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
+	32, // 80: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
+	28, // 81: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
+	28, // 82: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
+	28, // 83: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
+	28, // 84: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
+	28, // 85: coffre.v1.AdminService.MarkKeyVersionCompromised:output_type -> coffre.v1.Keyring
+	28, // 86: coffre.v1.AdminService.AddKeyVersion:output_type -> coffre.v1.Keyring
+	28, // 87: coffre.v1.AdminService.PromoteKeyVersion:output_type -> coffre.v1.Keyring
+	28, // 88: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
+	28, // 89: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
+	8,  // 90: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
+	48, // 91: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
+	56, // 92: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
+	18, // 93: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
+	18, // 94: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
+	21, // 95: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
+	18, // 96: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
+	26, // 97: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
+	26, // 98: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
+	58, // 99: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
+	61, // 100: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
+	38, // 101: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
+	40, // 102: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
+	42, // 103: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
+	78, // [78:104] is the sub-list for method output_type
+	52, // [52:78] is the sub-list for method input_type
 	52, // [52:52] is the sub-list for extension type_name
 	52, // [52:52] is the sub-list for extension extendee
 	0,  // [0:52] is the sub-list for field type_name
@@ -4362,11 +4421,11 @@ func file_coffre_v1_coffre_proto_init() {
 		(*Operation_DestroyRoot)(nil),
 		(*Operation_ExportBackup)(nil),
 	}
-	file_coffre_v1_coffre_proto_msgTypes[30].OneofWrappers = []any{
+	file_coffre_v1_coffre_proto_msgTypes[31].OneofWrappers = []any{
 		(*SealedKey_Tpm)(nil),
 		(*SealedKey_Session)(nil),
 	}
-	file_coffre_v1_coffre_proto_msgTypes[49].OneofWrappers = []any{
+	file_coffre_v1_coffre_proto_msgTypes[50].OneofWrappers = []any{
 		(*EnrollNodeRequest_EkCertificate)(nil),
 		(*EnrollNodeRequest_EkPublic)(nil),
 	}
@@ -4376,7 +4435,7 @@ func file_coffre_v1_coffre_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coffre_v1_coffre_proto_rawDesc), len(file_coffre_v1_coffre_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   67,
+			NumMessages:   68,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

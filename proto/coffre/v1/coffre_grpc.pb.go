@@ -34,6 +34,8 @@ const (
 	AdminService_EnableKeyVersion_FullMethodName          = "/coffre.v1.AdminService/EnableKeyVersion"
 	AdminService_CancelKeyDestruction_FullMethodName      = "/coffre.v1.AdminService/CancelKeyDestruction"
 	AdminService_MarkKeyVersionCompromised_FullMethodName = "/coffre.v1.AdminService/MarkKeyVersionCompromised"
+	AdminService_AddKeyVersion_FullMethodName             = "/coffre.v1.AdminService/AddKeyVersion"
+	AdminService_PromoteKeyVersion_FullMethodName         = "/coffre.v1.AdminService/PromoteKeyVersion"
 	AdminService_SetMinDecryptionVersion_FullMethodName   = "/coffre.v1.AdminService/SetMinDecryptionVersion"
 	AdminService_SetRotationPeriod_FullMethodName         = "/coffre.v1.AdminService/SetRotationPeriod"
 	AdminService_RewrapEnvelope_FullMethodName            = "/coffre.v1.AdminService/RewrapEnvelope"
@@ -73,6 +75,10 @@ type AdminServiceClient interface {
 	// MarkKeyVersionCompromised: the version never encrypts again (a
 	// compromised primary is replaced by a new version in the same write).
 	MarkKeyVersionCompromised(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	// AddKeyVersion stages a new pre-active version; PromoteKeyVersion makes
+	// the staged version the primary (so does the next rotation).
+	AddKeyVersion(ctx context.Context, in *AddKeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
+	PromoteKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
 	SetMinDecryptionVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error)
 	SetRotationPeriod(ctx context.Context, in *SetRotationPeriodRequest, opts ...grpc.CallOption) (*Keyring, error)
 	// RewrapEnvelope moves an envelope to its keyring's primary version
@@ -182,6 +188,26 @@ func (c *adminServiceClient) MarkKeyVersionCompromised(ctx context.Context, in *
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Keyring)
 	err := c.cc.Invoke(ctx, AdminService_MarkKeyVersionCompromised_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) AddKeyVersion(ctx context.Context, in *AddKeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_AddKeyVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) PromoteKeyVersion(ctx context.Context, in *KeyVersionRequest, opts ...grpc.CallOption) (*Keyring, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyring)
+	err := c.cc.Invoke(ctx, AdminService_PromoteKeyVersion_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -324,6 +350,10 @@ type AdminServiceServer interface {
 	// MarkKeyVersionCompromised: the version never encrypts again (a
 	// compromised primary is replaced by a new version in the same write).
 	MarkKeyVersionCompromised(context.Context, *KeyVersionRequest) (*Keyring, error)
+	// AddKeyVersion stages a new pre-active version; PromoteKeyVersion makes
+	// the staged version the primary (so does the next rotation).
+	AddKeyVersion(context.Context, *AddKeyVersionRequest) (*Keyring, error)
+	PromoteKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
 	SetMinDecryptionVersion(context.Context, *KeyVersionRequest) (*Keyring, error)
 	SetRotationPeriod(context.Context, *SetRotationPeriodRequest) (*Keyring, error)
 	// RewrapEnvelope moves an envelope to its keyring's primary version
@@ -382,6 +412,12 @@ func (UnimplementedAdminServiceServer) CancelKeyDestruction(context.Context, *Ke
 }
 func (UnimplementedAdminServiceServer) MarkKeyVersionCompromised(context.Context, *KeyVersionRequest) (*Keyring, error) {
 	return nil, status.Error(codes.Unimplemented, "method MarkKeyVersionCompromised not implemented")
+}
+func (UnimplementedAdminServiceServer) AddKeyVersion(context.Context, *AddKeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddKeyVersion not implemented")
+}
+func (UnimplementedAdminServiceServer) PromoteKeyVersion(context.Context, *KeyVersionRequest) (*Keyring, error) {
+	return nil, status.Error(codes.Unimplemented, "method PromoteKeyVersion not implemented")
 }
 func (UnimplementedAdminServiceServer) SetMinDecryptionVersion(context.Context, *KeyVersionRequest) (*Keyring, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetMinDecryptionVersion not implemented")
@@ -577,6 +613,42 @@ func _AdminService_MarkKeyVersionCompromised_Handler(srv interface{}, ctx contex
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServiceServer).MarkKeyVersionCompromised(ctx, req.(*KeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_AddKeyVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddKeyVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).AddKeyVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_AddKeyVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).AddKeyVersion(ctx, req.(*AddKeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_PromoteKeyVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).PromoteKeyVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_PromoteKeyVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).PromoteKeyVersion(ctx, req.(*KeyVersionRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -817,6 +889,14 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "MarkKeyVersionCompromised",
 			Handler:    _AdminService_MarkKeyVersionCompromised_Handler,
+		},
+		{
+			MethodName: "AddKeyVersion",
+			Handler:    _AdminService_AddKeyVersion_Handler,
+		},
+		{
+			MethodName: "PromoteKeyVersion",
+			Handler:    _AdminService_PromoteKeyVersion_Handler,
 		},
 		{
 			MethodName: "SetMinDecryptionVersion",
