@@ -539,31 +539,7 @@ func (s session) find(class, keyType uint, label string, id []byte) ([]objectHan
 	if class == p11.CKO_DATA {
 		tmpl = append(tmpl, p11.NewAttribute(p11.CKA_APPLICATION, adminApplication))
 	}
-	var out []objectHandle
-	err := s.m.call(s.gen, func(c *p11.Ctx) error {
-		if err := c.FindObjectsInit(s.h, tmpl); err != nil {
-			return err
-		}
-		var ferr error
-		for {
-			hs, _, err := c.FindObjects(s.h, 16)
-			if err != nil {
-				ferr = err
-				break
-			}
-			if len(hs) == 0 {
-				break
-			}
-			for _, h := range hs {
-				out = append(out, objectHandle(h))
-			}
-		}
-		if err := c.FindObjectsFinal(s.h); ferr == nil {
-			ferr = err
-		}
-		return ferr
-	})
-	return out, err
+	return s.findTemplate(tmpl)
 }
 
 // generateEd25519 makes an Ed25519 key pair on the token, every security

@@ -310,6 +310,11 @@ func (s session) findObjects(label string, id []byte, secretAES bool) ([]objectH
 	if len(id) > 0 {
 		tmpl = append(tmpl, p11.NewAttribute(p11.CKA_ID, id))
 	}
+	return s.findTemplate(tmpl)
+}
+
+// findTemplate returns every object matching tmpl.
+func (s session) findTemplate(tmpl []*p11.Attribute) ([]objectHandle, error) {
 	var out []objectHandle
 	err := s.m.call(s.gen, func(c *p11.Ctx) error {
 		if err := c.FindObjectsInit(s.h, tmpl); err != nil {
