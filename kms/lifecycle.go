@@ -541,34 +541,44 @@ type DestroyEvent struct {
 // are useless without the HSM root that wrapped them, so the destruction is
 // complete once that root is rotated and its HSM object destroyed.
 func (s *Service) DestroyDue(ctx context.Context, before func(DestroyEvent) error) ([]DestroyEvent, error) {
-	kvs, err := s.store.List(ctx, keyringPrefix)
-	if err != nil {
-		return nil, storeErr(err)
-	}
 	now := s.now()
 	var done []DestroyEvent
+	err := s.sweep(ctx, func(kv store.KV, rec *keyringRecord) error {
+		// The sweep keeps this node fresh even if its watch lags: the
+		// record as listed replaces an older cached one.
+		s.remember(kv.Key, rec, kv.Revision)
+		s.purgeRetired(rec)
+		if !destroyDue(rec, now) {
+			return nil
+		}
+		evs, err := s.destroyDue(ctx, rec.id(), now, before)
+		done = append(done, evs...)
+		return err
+	})
+	return done, err
+}
+
+// sweep hands every stored keyring, decoded, to visit, and joins the
+// errors of those that fail (one keyring does not stop the others); it
+// stops when ctx ends.
+func (s *Service) sweep(ctx context.Context, visit func(kv store.KV, rec *keyringRecord) error) error {
+	kvs, err := s.store.List(ctx, keyringPrefix)
+	if err != nil {
+		return storeErr(err)
+	}
 	var errs []error
 	for _, kv := range kvs {
 		if err := ctx.Err(); err != nil {
-			return done, errors.Join(append(errs, err)...)
+			return errors.Join(append(errs, err)...)
 		}
 		rec, err := decodeRecord(kv.Key, kv.Value)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		// The sweep keeps this node fresh even if its watch lags: the
-		// record as listed replaces an older cached one.
-		s.remember(kv.Key, rec, kv.Revision)
-		s.purgeRetired(rec)
-		if !destroyDue(rec, now) {
-			continue
-		}
-		evs, err := s.destroyDue(ctx, rec.id(), now, before)
-		done = append(done, evs...)
-		errs = append(errs, err)
+		errs = append(errs, visit(kv, rec))
 	}
-	return done, errors.Join(errs...)
+	return errors.Join(errs...)
 }
 
 func destroyDue(rec *keyringRecord, now time.Time) bool {
@@ -642,35 +652,19 @@ type RotateEvent struct {
 // bring back encryption that an administrator stopped. Errors with one
 // keyring do not stop the others; they are joined.
 func (s *Service) RotateDue(ctx context.Context, before func(RotateEvent) error) ([]RotateEvent, error) {
-	kvs, err := s.store.List(ctx, keyringPrefix)
-	if err != nil {
-		return nil, storeErr(err)
-	}
 	now := s.now()
 	var done []RotateEvent
-	var errs []error
-	for _, kv := range kvs {
-		if err := ctx.Err(); err != nil {
-			return done, errors.Join(append(errs, err)...)
-		}
-		rec, err := decodeRecord(kv.Key, kv.Value)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
+	err := s.sweep(ctx, func(_ store.KV, rec *keyringRecord) error {
 		if !rotationDue(rec, now) {
-			continue
+			return nil
 		}
 		ev, err := s.rotateDue(ctx, rec.id(), now, before)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if ev != nil {
+		if ev != nil && err == nil {
 			done = append(done, *ev)
 		}
-	}
-	return done, errors.Join(errs...)
+		return err
+	})
+	return done, err
 }
 
 func rotationDue(rec *keyringRecord, now time.Time) bool {
