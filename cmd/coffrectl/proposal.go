@@ -221,7 +221,7 @@ func proposalCommands() []*command {
 		}
 		req := &coffrev1.SetQuorumRequest{Threshold: uint32(threshold)} // #nosec G115 -- checked positive, bounded by the server
 		for _, name := range sortedKeys(admins) {
-			pub, err := readPublicKeyArg(admins[name])
+			pub, err := readKeyLine(admins[name], "coffre-admin1:")
 			if err != nil {
 				return nil, fmt.Errorf("--admin %s: %w", name, err)
 			}
@@ -345,23 +345,6 @@ func resultFor(kind string) proto.Message {
 		return &coffrev1.ExportBackupResponse{}
 	}
 	return nil
-}
-
-// readPublicKeyArg takes an admin public key inline or from a file.
-func readPublicKeyArg(v string) (string, error) {
-	if strings.HasPrefix(v, "coffre-admin1:") {
-		return v, nil
-	}
-	b, err := readInput("public key file", v)
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if line = strings.TrimSpace(line); strings.HasPrefix(line, "coffre-admin1:") {
-			return line, nil
-		}
-	}
-	return "", errors.New(v + " holds no coffre-admin1: public key line")
 }
 
 func printQuorum(w io.Writer, q *coffrev1.Quorum) error {
