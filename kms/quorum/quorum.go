@@ -224,9 +224,7 @@ func ParseContent(b []byte) (Content, error) {
 	if len(b) > MaxContent {
 		return c, fmt.Errorf("%w: content of %d bytes (at most %d)", ErrInvalid, len(b), MaxContent)
 	}
-	dec := json.NewDecoder(strings.NewReader(string(b)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
+	if err := strictDecode(b, &c); err != nil {
 		return c, fmt.Errorf("%w: content: %v", ErrInvalid, err)
 	}
 	if c.Version != contentVersion || c.Kind == "" || len(c.Nonce) != 32 {
@@ -462,17 +460,25 @@ func (e *Engine) get(ctx context.Context, id string) (*Proposal, int64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	e.settle(ctx, p)
+	e.settle(p, e.threshold(ctx))
 	return p, kv.Revision, nil
 }
 
+// threshold is the current rule's M, 0 when it cannot be read.
+func (e *Engine) threshold(ctx context.Context) int {
+	if rule, _, err := e.loadRule(ctx); err == nil {
+		return rule.Threshold
+	}
+	return 0
+}
+
 // settle fills in what depends on the present: expiry and the threshold.
-func (e *Engine) settle(ctx context.Context, p *Proposal) {
+func (e *Engine) settle(p *Proposal, threshold int) {
 	if p.State == StatePending && !e.now().Before(p.Parsed.ExpireTime) {
 		p.State = StateExpired
 	}
-	if rule, _, err := e.loadRule(ctx); err == nil {
-		p.Threshold = rule.Threshold
+	if threshold > 0 {
+		p.Threshold = threshold
 	}
 }
 
@@ -483,12 +489,13 @@ func (e *Engine) List(ctx context.Context, state string) ([]*Proposal, error) {
 		return nil, storeErr(err)
 	}
 	var out []*Proposal
+	threshold := e.threshold(ctx) // one rule read for the whole list
 	for _, kv := range kvs {
 		p, err := decodeProposal(kv.Key, kv.Value)
 		if err != nil {
 			return nil, err
 		}
-		e.settle(ctx, p)
+		e.settle(p, threshold)
 		if state == "" || p.State == state {
 			out = append(out, p)
 		}

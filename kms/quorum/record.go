@@ -1,6 +1,7 @@
 package quorum
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"encoding/json"
@@ -38,9 +39,7 @@ func (a adminRecord) admin() (Admin, error) {
 
 func decodeRule(b []byte) (*Rule, error) {
 	var r ruleRecord
-	dec := json.NewDecoder(strings.NewReader(string(b)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&r); err != nil {
+	if err := strictDecode(b, &r); err != nil {
 		return nil, fmt.Errorf("quorum: stored rule: %v", err)
 	}
 	if r.Format != ruleFormat {
@@ -201,22 +200,25 @@ func (e *Engine) loadRule(ctx context.Context) (*Rule, int64, error) {
 	return r, kv.Revision, nil
 }
 
-func strictArgs(raw json.RawMessage, v any) error {
-	dec := json.NewDecoder(strings.NewReader(string(raw)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+// DecodeArgs decodes canonical arguments strictly (unknown fields refused);
+// executors use it.
+func DecodeArgs(raw json.RawMessage, v any) error {
+	if err := strictDecode(raw, v); err != nil {
 		return fmt.Errorf("%w: arguments: %v", ErrInvalid, err)
 	}
 	return nil
 }
 
-// DecodeArgs decodes canonical arguments strictly (unknown fields refused);
-// executors use it.
-func DecodeArgs(raw json.RawMessage, v any) error { return strictArgs(raw, v) }
+// strictDecode decodes JSON into v, refusing fields v does not have.
+func strictDecode(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	return dec.Decode(v)
+}
 
 func (e *Engine) validateSetQuorum(ctx context.Context, raw json.RawMessage) error {
 	var a SetQuorumArgs
-	if err := strictArgs(raw, &a); err != nil {
+	if err := DecodeArgs(raw, &a); err != nil {
 		return err
 	}
 	prev, _, err := e.loadRule(ctx)
@@ -232,7 +234,7 @@ func (e *Engine) validateSetQuorum(ctx context.Context, raw json.RawMessage) err
 
 func (e *Engine) execSetQuorum(ctx context.Context, raw json.RawMessage) (json.RawMessage, error) {
 	var a SetQuorumArgs
-	if err := strictArgs(raw, &a); err != nil {
+	if err := DecodeArgs(raw, &a); err != nil {
 		return nil, err
 	}
 	for range maxCAS {
