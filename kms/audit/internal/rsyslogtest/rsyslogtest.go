@@ -180,11 +180,13 @@ func (r *Rsyslog) Lines() []string {
 	if err != nil {
 		return nil
 	}
-	b = bytes.TrimSuffix(b, []byte("\n"))
-	if len(b) == 0 {
+	// rsyslogd may be writing as we read: a last line without its newline
+	// is not stored yet.
+	i := bytes.LastIndexByte(b, '\n')
+	if i < 0 {
 		return nil
 	}
-	return strings.Split(string(b), "\n")
+	return strings.Split(string(b[:i]), "\n")
 }
 
 // Kill sends SIGKILL to rsyslogd and waits for it to exit.
