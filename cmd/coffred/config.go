@@ -106,6 +106,8 @@ const (
 //	                             optional: without an audit.syslog section there is no syslog sink
 //	audit.syslog.ca_file, .cert_file, .key_file
 //	                             RFC 5425: mutual TLS to the receiver (all three, or none for plain TCP)
+//	audit.syslog.sync_every      confirm delivery (graceful close) after at most this many entries, 1..100000
+//	                             (default 512): the most a receiver crash can make the sink resend
 //	audit.jsonl.path             append every entry to this JSON-lines file (optional)
 //	audit.jsonl.ocsf             write OCSF "API Activity" objects instead of the canonical entries
 //	metrics.listen               serve Prometheus metrics (audit log writable, entries, fsyncs, sink lag)
@@ -147,8 +149,9 @@ type AuditConfig struct {
 
 // SyslogSinkConfig configures the syslog sink.
 type SyslogSinkConfig struct {
-	Addr string
-	TLS  *tls.Config
+	Addr      string
+	TLS       *tls.Config
+	SyncEvery int
 }
 
 // JSONLSinkConfig configures the JSON-lines sink.
@@ -278,10 +281,11 @@ type rawAudit struct {
 }
 
 type rawSyslog struct {
-	Addr     *string `json:"addr"`
-	CAFile   *string `json:"ca_file"`
-	CertFile *string `json:"cert_file"`
-	KeyFile  *string `json:"key_file"`
+	Addr      *string `json:"addr"`
+	CAFile    *string `json:"ca_file"`
+	CertFile  *string `json:"cert_file"`
+	KeyFile   *string `json:"key_file"`
+	SyncEvery *int64  `json:"sync_every"`
 }
 
 type rawJSONL struct {
@@ -1045,6 +1049,7 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 				v.fail("audit.syslog.addr", "%q: %v", c.Syslog.Addr, err)
 			}
 		}
+		c.Syslog.SyncEvery = int(v.intRange("audit.syslog.sync_every", sl.SyncEvery, 512, 1, 100_000))
 		if sl.CAFile != nil || sl.CertFile != nil || sl.KeyFile != nil {
 			// RFC 5425: mutual TLS, all three files or none.
 			caName, caPEM := v.file("audit.syslog.ca_file", sl.CAFile)

@@ -307,6 +307,7 @@ func TestConfigErrors(t *testing.T) {
 		{"handshake too short", with("limits.handshake_timeout", "1ms"), []string{"config: limits.handshake_timeout: must be between"}},
 		{"ping interval garbage", with("keepalive.min_ping_interval", "often"), []string{"config: keepalive.min_ping_interval: \"often\" is not a duration"}},
 		{"connection age tiny", with("keepalive.max_connection_age", "10ms"), []string{"config: keepalive.max_connection_age: must be 0s (never) or at least 1s"}},
+		{"syslog sync_every zero", with("audit.syslog", map[string]any{"addr": "127.0.0.1:6514", "sync_every": 0}), []string{"config: audit.syslog.sync_every: must be between 1 and 100000"}},
 		{"log level unknown", with("log.level", "verbose"), []string{"config: log.level: \"verbose\" is not a level"}},
 		{"several at once", `{"listen": "nope", "store": {"engine": "etcd"}}`, []string{"config: listen:", "config: store.endpoints:", "config: hsm.root_key: is required"}},
 	} {

@@ -43,6 +43,7 @@ func (m *metrics) write(w io.Writer) {
 		}
 		fmt.Fprintf(w, "# HELP coffre_audit_syslog_connected 1 while the syslog receiver is connected.\n# TYPE coffre_audit_syslog_connected gauge\ncoffre_audit_syslog_connected %d\n", connected)
 		fmt.Fprintf(w, "# HELP coffre_audit_syslog_reconnects_total Failed syslog sessions.\n# TYPE coffre_audit_syslog_reconnects_total counter\ncoffre_audit_syslog_reconnects_total %d\n", s.Reconnects)
+		fmt.Fprintf(w, "# HELP coffre_audit_syslog_messages_total Messages written to the syslog receiver, resent ones included.\n# TYPE coffre_audit_syslog_messages_total counter\ncoffre_audit_syslog_messages_total %d\n", s.Messages)
 	}
 	if m.jsonl != nil {
 		fmt.Fprintf(w, "coffre_audit_sink_lag{sink=\"jsonl\"} %d\n", m.jsonl.Status().Lag)

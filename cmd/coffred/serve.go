@@ -349,7 +349,7 @@ func startSinks(l *audit.Log, c AuditConfig, m *metrics, log *slog.Logger) (func
 		}()
 	}
 	if c.Syslog.Addr != "" {
-		s, err := audit.NewSyslogSink(l, audit.SyslogConfig{Addr: c.Syslog.Addr, TLS: c.Syslog.TLS, SpoolDir: c.Dir, Hostname: c.NodeID})
+		s, err := audit.NewSyslogSink(l, audit.SyslogConfig{Addr: c.Syslog.Addr, TLS: c.Syslog.TLS, SyncEvery: c.Syslog.SyncEvery, SpoolDir: c.Dir, Hostname: c.NodeID})
 		if err != nil {
 			cancel()
 			return nil, fmt.Errorf("audit.syslog: %w", err)

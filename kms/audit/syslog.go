@@ -41,9 +41,14 @@ import (
 // is skipped, entries arrive in index order on each connection, and the
 // entries a receiver may see twice are only those sent after the last
 // confirmation and before a failure — at most SyncEvery of them, all right
-// after a reconnect. Receivers deduplicate by seq (it is the entry's index
-// in this node's log, unique per node). A graceful stop of the sink never
-// causes a resend.
+// after a reconnect. A graceful stop of the sink never causes a resend.
+//
+// Only the receiver knows what it has stored, so only the receiver can
+// store each entry once: it drops a message whose seq (the entry's index
+// in this node's log, gap-free per node) is not above the last it stored.
+// docs/siem ships that rule for rsyslog (coffre-dedupe.rsyslog, seeded at
+// each start by coffre-last-seq), and the tests run a real rsyslogd with
+// it through SIGKILLs: every seq stored once, in order.
 //
 // The receiver must store what it has processed before it closes the
 // connection: for rsyslog, a Direct (or disk-assisted) queue on the
@@ -105,6 +110,7 @@ type SyslogStatus struct {
 	Sent       uint64 // next entry not yet written on the current connection
 	Lag        uint64 // entries in the log not yet confirmed: Size() - Cursor
 	Reconnects uint64 // failed sessions so far
+	Messages   uint64 // messages written so far, resent ones included
 	LastError  error  // the last session failure, nil if none yet
 }
 
@@ -122,6 +128,7 @@ type SyslogSink struct {
 	connected  atomic.Bool
 	sent       atomic.Uint64
 	reconnects atomic.Uint64
+	messages   atomic.Uint64
 }
 
 // Sentinel errors of a syslog session.
@@ -211,6 +218,7 @@ func (s *SyslogSink) Status() SyslogStatus {
 		Cursor:     cur,
 		Sent:       s.sent.Load(),
 		Reconnects: s.reconnects.Load(),
+		Messages:   s.messages.Load(),
 	}
 	if size := s.src.Size(); size > cur {
 		st.Lag = size - cur
@@ -356,6 +364,7 @@ func (s *SyslogSink) session(ctx context.Context) error {
 		}
 		unconfirmed += len(recs)
 		s.sent.Store(next)
+		s.messages.Add(uint64(len(recs)))
 	}
 }
 

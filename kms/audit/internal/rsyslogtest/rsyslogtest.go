@@ -5,6 +5,12 @@
 //
 // The receiver uses Direct queues, so whatever rsyslogd has processed is in
 // the output file even when it is killed with SIGKILL.
+//
+// With Options.Dedupe the receiver is configured as docs/siem/README.md
+// tells a SIEM operator to: the ruleset includes the shipped
+// docs/siem/coffre-dedupe.rsyslog, and each start runs the shipped
+// docs/siem/coffre-last-seq on the output file and passes its answer to
+// rsyslogd as COFFRE_LAST_SEQ.
 package rsyslogtest
 
 import (
@@ -22,6 +28,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,6 +41,8 @@ type Options struct {
 	// TLS selects RFC 5425: gtls, mode 1, authmode x509/certvalid (the
 	// client must present a certificate from the test CA).
 	TLS bool
+	// Dedupe stores each Coffre sequence number once (one sending node).
+	Dedupe bool
 }
 
 // Rsyslog is a running rsyslogd.
@@ -104,13 +113,20 @@ func (r *Rsyslog) config() string {
 	}
 	b.WriteString(")\n")
 	b.WriteString("main_queue(queue.type=\"Direct\")\n")
+	if r.opts.Dedupe {
+		b.WriteString("module(load=\"mmpstrucdata\")\n")
+	}
 	if r.opts.TLS {
 		b.WriteString("module(load=\"imtcp\" streamDriver.name=\"gtls\" streamDriver.mode=\"1\" streamDriver.authMode=\"x509/certvalid\")\n")
 	} else {
 		b.WriteString("module(load=\"imtcp\")\n")
 	}
 	b.WriteString("template(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n")
-	fmt.Fprintf(&b, "ruleset(name=\"coffre\" queue.type=\"Direct\") {\n  action(type=\"omfile\" file=%q template=\"raw\" flushOnTXEnd=\"on\" asyncWriting=\"off\" fileCreateMode=\"0600\")\n}\n", r.out)
+	b.WriteString("ruleset(name=\"coffre\" queue.type=\"Direct\") {\n")
+	if r.opts.Dedupe {
+		fmt.Fprintf(&b, "  include(file=%q)\n", siemFile("coffre-dedupe.rsyslog"))
+	}
+	fmt.Fprintf(&b, "  action(type=\"omfile\" file=%q template=\"raw\" flushOnTXEnd=\"on\" asyncWriting=\"off\" fileCreateMode=\"0600\")\n}\n", r.out)
 	fmt.Fprintf(&b, "input(type=\"imtcp\" address=\"127.0.0.1\" port=\"%d\" ruleset=\"coffre\")\n", r.port)
 	return b.String()
 }
@@ -123,6 +139,14 @@ func (r *Rsyslog) start(t testing.TB) {
 	pid := filepath.Join(r.dir, "rsyslogd."+strconv.Itoa(r.runs)+".pid")
 	// #nosec G204 -- the test's own rsyslogd and files.
 	cmd := exec.Command(r.bin, "-n", "-f", r.conf, "-i", pid)
+	if r.opts.Dedupe {
+		// #nosec G204 -- the shipped script, on the test's own file.
+		seed, err := exec.Command("sh", siemFile("coffre-last-seq"), r.out).Output()
+		if err != nil {
+			t.Fatalf("rsyslogtest: coffre-last-seq: %v", err)
+		}
+		cmd.Env = append(os.Environ(), "COFFRE_LAST_SEQ="+strings.TrimSpace(string(seed)))
+	}
 	logf, err := os.OpenFile(r.logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -207,6 +231,15 @@ func (r *Rsyslog) Restart(t testing.TB) {
 	t.Helper()
 	r.Kill()
 	r.start(t)
+}
+
+// siemFile is the path of a file shipped in docs/siem.
+func siemFile(name string) string {
+	_, here, _, ok := runtime.Caller(0)
+	if !ok {
+		panic("rsyslogtest: no caller information")
+	}
+	return filepath.Join(filepath.Dir(here), "..", "..", "..", "..", "docs", "siem", name)
 }
 
 func freePort(t testing.TB) int {
