@@ -99,9 +99,17 @@ type Stats struct {
 }
 
 type appendReq struct {
-	e    Entry
-	raw  []byte // canonical encoding with Index 0, made by the caller
-	done chan error
+	e   Entry
+	raw []byte // canonical encoding with Index 0, made by the caller
+}
+
+// appendBatch is the appends that one commit writes and syncs together.
+// The committer sets err and then closes done, which releases every
+// caller at once.
+type appendBatch struct {
+	reqs []*appendReq
+	err  error
+	done chan struct{}
 }
 
 // indexPrefix is how every canonical entry with Index 0 begins; the
@@ -158,7 +166,7 @@ type Log struct {
 	torn      *tornError // found by Open
 
 	qmu    sync.Mutex
-	queue  []*appendReq
+	queue  *appendBatch // the next batch, nil if empty
 	closed bool
 	qsig   chan struct{}
 
@@ -469,7 +477,7 @@ func (l *Log) Append(ctx context.Context, e *Entry) (uint64, error) {
 	if e == nil {
 		return 0, fmt.Errorf("%w: nil entry", ErrEntry)
 	}
-	req := &appendReq{e: *e, done: make(chan error, 1)}
+	req := &appendReq{e: *e}
 	if req.e.Time.IsZero() {
 		req.e.Time = l.opts.Now()
 	}
@@ -496,16 +504,21 @@ func (l *Log) Append(ctx context.Context, e *Entry) (uint64, error) {
 		l.qmu.Unlock()
 		return 0, ErrClosed
 	}
-	l.queue = append(l.queue, req)
+	b := l.queue
+	if b == nil {
+		b = &appendBatch{done: make(chan struct{})}
+		l.queue = b
+	}
+	b.reqs = append(b.reqs, req)
 	l.qmu.Unlock()
 	select {
 	case l.qsig <- struct{}{}:
 	default:
 	}
 	select {
-	case err := <-req.done:
-		if err != nil {
-			return 0, err
+	case <-b.done:
+		if b.err != nil {
+			return 0, b.err
 		}
 		e.Version, e.Index, e.Node, e.Time = req.e.Version, req.e.Index, req.e.Node, req.e.Time
 		return req.e.Index, nil
@@ -529,10 +542,11 @@ func (l *Log) committer() {
 			batch := l.queue
 			l.queue = nil
 			l.qmu.Unlock()
-			if len(batch) == 0 {
+			if batch == nil {
 				break
 			}
-			buf = l.commit(batch, buf[:0])
+			buf, batch.err = l.commit(batch.reqs, buf[:0])
+			close(batch.done)
 			if !stopping {
 				break
 			}
@@ -543,8 +557,10 @@ func (l *Log) committer() {
 	}
 }
 
-// commit writes and fsyncs one batch and releases its callers.
-func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
+// commit writes and fsyncs one batch (and replicates it, with a
+// Replicator) and returns the buffer for reuse and the error to give its
+// callers.
+func (l *Log) commit(batch []*appendReq, buf []byte) ([]byte, error) {
 	l.mu.RLock()
 	failed, base, off, wf := l.failed, l.tree.size(), l.end, l.wf
 	if failed == nil {
@@ -552,10 +568,7 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 	}
 	l.mu.RUnlock()
 	if failed != nil {
-		for _, r := range batch {
-			r.done <- failed
-		}
-		return buf
+		return buf, failed
 	}
 	leaves := make([][]byte, len(batch))
 	starts := make([]int64, len(batch))
@@ -575,11 +588,7 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 	}
 	err := l.write(wf, buf, off)
 	if err != nil {
-		ferr := l.fail(err)
-		for _, r := range batch {
-			r.done <- ferr
-		}
-		return buf
+		return buf, l.fail(err)
 	}
 	l.batches.Add(1)
 	l.mu.Lock()
@@ -608,16 +617,13 @@ func (l *Log) commit(batch []*appendReq, buf []byte) []byte {
 			l.failReplication(rerr)
 		}
 	}
-	for _, r := range batch {
-		r.done <- rerr
-	}
 	if before/l.opts.CheckpointEvery != after/l.opts.CheckpointEvery {
 		select {
 		case l.cpTrigger <- struct{}{}:
 		default:
 		}
 	}
-	return buf
+	return buf, rerr
 }
 
 // write writes one batch at off and makes it durable. Inside the space
