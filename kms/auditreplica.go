@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/rfc6962"
 
@@ -42,10 +43,16 @@ import (
 //
 // # Batch value
 //
-// A batch value is the byte 1 (the format version) followed, for each
-// entry in index order, by the entry's length as a 4-byte big-endian
-// unsigned integer and then its canonical bytes (what the Merkle tree
-// hashes). The number of entries is implied by the value's length.
+// A batch's body is, for each entry in index order, the entry's length as
+// a 4-byte big-endian unsigned integer and then its canonical bytes (what
+// the Merkle tree hashes); the number of entries is implied by the body's
+// length. A batch value is the byte 2 followed by the body compressed as
+// one Zstandard frame (RFC 8878). Entries of one node repeat their field
+// names, node, keyring and evidence, so a release batch shrinks about
+// tenfold: the bytes every etcd member writes to its WAL, sends to its
+// peers and keeps are what bound replicated throughput. A decoded body may
+// not exceed store.MaxValueSize. Values written before compression (the
+// byte 1 followed by the body as is) are still read.
 //
 // # What the checkpoint history costs
 //
@@ -157,8 +164,27 @@ func (r StoreAuditReplica) ReplicatedSize(ctx context.Context, node string) (uin
 	return first + uint64(len(entries)), nil
 }
 
-// auditBatchVersion is the first byte of a batch value.
-const auditBatchVersion = 1
+// The first byte of a batch value: its format.
+const (
+	auditBatchRaw  = 1 // the body as is (written before compression)
+	auditBatchZstd = 2 // the body as one Zstandard frame
+)
+
+// batchEncoder and batchDecoder are shared: EncodeAll and DecodeAll are
+// safe for concurrent use. The decoder refuses bodies larger than the
+// store's value limit, which no encoder here produces, so a forged value
+// cannot make a reader allocate more.
+var (
+	batchEncoder = mustZstd(zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1)))
+	batchDecoder = mustZstd(zstd.NewReader(nil, zstd.WithDecoderMaxMemory(store.MaxValueSize), zstd.WithDecoderConcurrency(1)))
+)
+
+func mustZstd[T any](v T, err error) T {
+	if err != nil {
+		panic("kms: audit replica: zstd: " + err.Error()) // only fixed, valid options are passed
+	}
+	return v
+}
 
 func auditPrefix(node string) (string, error) {
 	if node == "" || strings.ContainsAny(node, "/\x00") {
@@ -173,40 +199,57 @@ func auditBatchKey(prefix string, first uint64) string {
 
 // encodeAuditBatch returns the batch value of entries.
 func encodeAuditBatch(entries [][]byte) ([]byte, error) {
-	n := 1
+	n := 0
 	for _, e := range entries {
 		n += 4 + len(e)
 	}
 	if n > store.MaxValueSize {
 		return nil, fmt.Errorf("kms: audit replica: batch of %d entries is %d bytes, the store's limit is %d", len(entries), n, store.MaxValueSize)
 	}
-	v := make([]byte, 0, n)
-	v = append(v, auditBatchVersion)
+	body := make([]byte, 0, n)
 	for _, e := range entries {
-		v = binary.BigEndian.AppendUint32(v, uint32(len(e))) // #nosec G115 -- bounded by store.MaxValueSize above
-		v = append(v, e...)
+		body = binary.BigEndian.AppendUint32(body, uint32(len(e))) // #nosec G115 -- bounded by store.MaxValueSize above
+		body = append(body, e...)
+	}
+	v := batchEncoder.EncodeAll(body, []byte{auditBatchZstd})
+	if len(v) > store.MaxValueSize {
+		return nil, fmt.Errorf("kms: audit replica: batch of %d entries compresses to %d bytes, the store's limit is %d", len(entries), len(v), store.MaxValueSize)
 	}
 	return v, nil
 }
 
 // decodeAuditBatch parses a batch value.
 func decodeAuditBatch(v []byte) ([][]byte, error) {
-	if len(v) == 0 || v[0] != auditBatchVersion {
-		return nil, errors.New("unknown batch format")
+	if len(v) == 0 {
+		return nil, errors.New("empty value")
 	}
-	v = v[1:]
+	body := v[1:]
+	switch v[0] {
+	case auditBatchRaw:
+		body = bytes.Clone(body)
+	case auditBatchZstd:
+		var err error
+		if body, err = batchDecoder.DecodeAll(body, nil); err != nil {
+			return nil, fmt.Errorf("compressed body: %w", err)
+		}
+		if len(body) > store.MaxValueSize {
+			return nil, fmt.Errorf("body of %d bytes, more than %d", len(body), store.MaxValueSize)
+		}
+	default:
+		return nil, fmt.Errorf("unknown batch format %d", v[0])
+	}
 	var out [][]byte
-	for len(v) > 0 {
-		if len(v) < 4 {
+	for len(body) > 0 {
+		if len(body) < 4 {
 			return nil, errors.New("truncated length")
 		}
-		n := binary.BigEndian.Uint32(v)
-		v = v[4:]
-		if uint64(n) > uint64(len(v)) {
+		n := binary.BigEndian.Uint32(body)
+		body = body[4:]
+		if uint64(n) > uint64(len(body)) {
 			return nil, errors.New("truncated entry")
 		}
-		out = append(out, bytes.Clone(v[:n]))
-		v = v[n:]
+		out = append(out, body[:n:n])
+		body = body[n:]
 	}
 	if len(out) == 0 {
 		return nil, errors.New("empty batch")
@@ -215,9 +258,9 @@ func decodeAuditBatch(v []byte) ([][]byte, error) {
 }
 
 // Replicate implements audit.Replicator: it creates the batch's key. If the
-// key exists with exactly the bytes it would write (a retry after an
-// unknown outcome) that is success; with other bytes it is an error (two
-// writers claim the same node id, or the log forked).
+// key exists holding exactly these entries (a retry after an unknown
+// outcome) that is success; holding others it is an error (two writers
+// claim the same node id, or the log forked).
 func (r StoreAuditReplica) Replicate(ctx context.Context, node string, first uint64, entries [][]byte) error {
 	prefix, err := auditPrefix(node)
 	if err != nil {
@@ -239,7 +282,7 @@ func (r StoreAuditReplica) Replicate(ctx context.Context, node string, first uin
 	if gerr != nil {
 		return fmt.Errorf("kms: audit replica: %s exists and cannot be read: %w", key, gerr)
 	}
-	if bytes.Equal(kv.Value, v) {
+	if held, derr := decodeAuditBatch(kv.Value); derr == nil && slices.EqualFunc(held, entries, bytes.Equal) {
 		return nil
 	}
 	return fmt.Errorf("kms: audit replica: %s already holds a different batch (node id shared, or the node's log forked): %w", key, err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -235,6 +236,85 @@ func TestAuditReplicaRetryAndGap(t *testing.T) {
 	}
 }
 
+// TestAuditBatchFormat: batches are stored compressed, a release-like
+// batch at a fraction of its size; values in the earlier uncompressed
+// format are still read and count as the same batch on a retry; a value
+// that would decompress past the store's limit is refused.
+func TestAuditBatchFormat(t *testing.T) {
+	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	ctx := context.Background()
+	r := StoreAuditReplica{Store: st}
+
+	// 64 release entries of one session, as one group commit makes them.
+	var batch [][]byte
+	raw := 0
+	for i := range 64 {
+		e := audit.Entry{Version: audit.EntryVersion, Index: uint64(i), Time: time.Date(2026, 11, 23, 2, 0, 0, i*7919, time.UTC), Node: "node-a",
+			Actor: audit.Actor{Kind: audit.ActorNode, ID: "storage-17.qc.gouv"}, Operation: "key.generate_data_key",
+			Tenant: "acme", Keyring: "acme/disks", KeyVersion: 3, Decision: audit.Allow,
+			EvidenceHashes: []string{"3be78a6ee81dcb166bdcda7a02566080c9b641bf85ae960ba22b85bab7a0712e"},
+			RequestID:      fmt.Sprintf("01JD%022d", i*104729)}
+		b, err := e.MarshalCanonical()
+		if err != nil {
+			t.Fatal(err)
+		}
+		batch = append(batch, b)
+		raw += len(b)
+	}
+	if err := r.Replicate(ctx, "node-a", 0, batch); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := st.Get(ctx, auditBatchKey("audit/node-a/", 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kv.Value[0] != auditBatchZstd || len(kv.Value)*4 > raw {
+		t.Fatalf("stored batch: format %d, %d bytes for %d bytes of entries: want format %d and under a quarter", kv.Value[0], len(kv.Value), raw, auditBatchZstd)
+	}
+	t.Logf("64 release entries: %d bytes, stored in %d", raw, len(kv.Value))
+	got, err := ReadReplicatedAudit(ctx, st, "node-a")
+	if err != nil || !slices.EqualFunc(got, batch, bytes.Equal) {
+		t.Fatalf("read back: %v (%d entries)", err, len(got))
+	}
+
+	// The uncompressed format, as an earlier version wrote it.
+	v1 := []byte{auditBatchRaw}
+	for _, e := range batch[:2] {
+		v1 = binary.BigEndian.AppendUint32(v1, uint32(len(e)))
+		v1 = append(v1, e...)
+	}
+	if _, err := st.CompareAndSwap(ctx, auditBatchKey("audit/node-b/", 0), 0, v1); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := r.ReplicatedSize(ctx, "node-b"); err != nil || n != 2 {
+		t.Fatalf("ReplicatedSize of an uncompressed batch = %d, %v; want 2", n, err)
+	}
+	if err := r.Replicate(ctx, "node-b", 0, batch[:2]); err != nil {
+		t.Fatalf("retry over the same batch in the earlier format: %v", err)
+	}
+	if err := r.Replicate(ctx, "node-b", 0, batch[1:3]); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("other entries over an uncompressed batch: %v, want ErrConflict", err)
+	}
+
+	// A small value that decompresses past the limit.
+	bomb := batchEncoder.EncodeAll(make([]byte, store.MaxValueSize+1), []byte{auditBatchZstd})
+	if len(bomb) > 1<<10 {
+		t.Fatalf("bomb is %d bytes", len(bomb))
+	}
+	if _, err := decodeAuditBatch(bomb); err == nil {
+		t.Fatal("a batch decompressing past the store's limit was accepted")
+	}
+	for _, bad := range [][]byte{nil, {3, 0}, {auditBatchZstd, 1, 2, 3}} {
+		if _, err := decodeAuditBatch(bad); err == nil {
+			t.Fatalf("decodeAuditBatch(%x) accepted", bad)
+		}
+	}
+}
+
 // openTestAuditLog opens a real audit log for node, replicated to st if st
 // is not nil, that checkpoints only when asked (or on Close).
 func openTestAuditLog(t *testing.T, st store.Store, node string, signer *audit.Signer) *audit.Log {
@@ -444,6 +524,28 @@ func (f *twoNodeAudit) verifyAll(t *testing.T) map[string]AuditReplicaResult {
 
 // tamper changes the store with do and restores key's value (or absence)
 // when the test ends.
+// alterBatch returns batch value v re-encoded, as a writer with the store's
+// credentials could, with the first old in its entries replaced by new (v
+// itself if old is in none).
+func alterBatch(t *testing.T, v []byte, old, new string) []byte {
+	t.Helper()
+	entries, err := decodeAuditBatch(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range entries {
+		if altered := bytes.Replace(e, []byte(old), []byte(new), 1); !bytes.Equal(altered, e) {
+			entries[i] = altered
+			out, err := encodeAuditBatch(entries)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return out
+		}
+	}
+	return v
+}
+
 func tamper(t *testing.T, st store.Store, key string, do func(kv store.KV) error) {
 	t.Helper()
 	ctx := ctxT(t)
@@ -576,7 +678,7 @@ func TestAuditVerifyAllNodes(t *testing.T) {
 		}
 		last := kvs[len(kvs)-1] // entry 44
 		tamper(t, f.st, last.Key, func(kv store.KV) error {
-			altered := bytes.Replace(kv.Value, []byte(`"test.op"`), []byte(`"tset.op"`), 1)
+			altered := alterBatch(t, kv.Value, `"test.op"`, `"tset.op"`)
 			if bytes.Equal(altered, kv.Value) {
 				return errors.New("nothing altered")
 			}
@@ -591,7 +693,7 @@ func TestAuditVerifyAllNodes(t *testing.T) {
 
 		// Made unparsable, the entry itself is named.
 		tamper(t, f.st, last.Key, func(kv store.KV) error {
-			altered := bytes.Replace(kv.Value, []byte(`{"v":1`), []byte(`["v":1`), 1)
+			altered := alterBatch(t, kv.Value, `{"v":1`, `["v":1`)
 			if bytes.Equal(altered, kv.Value) {
 				return errors.New("nothing altered")
 			}
@@ -668,6 +770,7 @@ func FuzzDecodeAuditBatch(f *testing.F) {
 	v, _ := encodeAuditBatch([][]byte{[]byte(`{"a":1}`), nil, []byte("x")})
 	f.Add(v)
 	f.Add([]byte{1, 0, 0, 0})
+	f.Add([]byte{1, 0, 0, 0, 1, 'x'}) // the uncompressed format
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if len(b) > store.MaxValueSize {
 			return // the store holds no larger value
@@ -677,7 +780,11 @@ func FuzzDecodeAuditBatch(f *testing.F) {
 			return
 		}
 		again, err := encodeAuditBatch(entries)
-		if err != nil || !bytes.Equal(again, b) {
+		if err != nil {
+			t.Fatalf("decoded batch does not encode: %v", err)
+		}
+		back, err := decodeAuditBatch(again)
+		if err != nil || !slices.EqualFunc(back, entries, bytes.Equal) {
 			t.Fatalf("batch does not round-trip: %v", err)
 		}
 	})

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
@@ -133,16 +135,31 @@ func TestAuditVerifyReplica(t *testing.T) {
 		t.Fatalf("verify: exit %d: %s%s", code, out.String(), errOut.String())
 	}
 
-	// Alter one entry's reason in etcd, keeping it canonical.
+	// Alter one entry's operation in etcd, keeping it canonical and the
+	// batch well-formed (a Zstandard frame after its format byte 2).
 	kvs, err := st.List(ctx, "audit/node-1/entries/")
 	if err != nil || len(kvs) == 0 {
 		t.Fatalf("replicated batches: %v, %v", kvs, err)
 	}
 	kv := kvs[len(kvs)-1]
-	altered := bytes.Replace(kv.Value, []byte(`"test.op"`), []byte(`"tset.op"`), 1)
-	if bytes.Equal(altered, kv.Value) {
+	zr, err := zstd.NewReader(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer zr.Close()
+	body, err := zr.DecodeAll(kv.Value[1:], nil)
+	if kv.Value[0] != 2 || err != nil {
+		t.Fatalf("replicated batch: format %d: %v", kv.Value[0], err)
+	}
+	alteredBody := bytes.Replace(body, []byte(`"test.op"`), []byte(`"tset.op"`), 1)
+	if bytes.Equal(alteredBody, body) {
 		t.Fatal("test did not alter the batch")
 	}
+	zw, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	altered := zw.EncodeAll(alteredBody, []byte{2})
 	if _, err := st.Put(ctx, kv.Key, altered); err != nil {
 		t.Fatal(err)
 	}

@@ -4,8 +4,10 @@
 // Members listen on 127.0.0.1 only, in plaintext, with their data in
 // t.TempDir(). The Raft timeouts are short (50ms heartbeat, 500ms
 // election) so that a cluster starts, and elects a new leader, in well
-// under a second. Members run with fsync off: the tests stop members
-// gracefully and are about quorum, not disk durability.
+// under a second. Members run with fsync off unless Options.Fsync says
+// otherwise: the tests stop members gracefully and are about quorum, not
+// disk durability; benchmarks that compare with a store that does fsync
+// turn it on.
 package etcdtest
 
 import (
@@ -27,9 +29,17 @@ const readyTimeout = 30 * time.Second
 // Cluster is a running embedded etcd cluster.
 type Cluster struct {
 	mu      sync.Mutex
+	opts    Options
 	token   string
 	initial string
 	members []*member
+}
+
+// Options tunes a cluster.
+type Options struct {
+	// Fsync makes members fsync their write-ahead log and backend as a
+	// production etcd does.
+	Fsync bool
 }
 
 type member struct {
@@ -41,14 +51,21 @@ type member struct {
 	everLaunch bool
 }
 
-// StartCluster starts a cluster of members members (1, 3, 5…), waits
-// until every member is ready and stops them all when the test ends.
+// StartCluster starts a cluster of members members (1, 3, 5…) with fsync
+// off, waits until every member is ready and stops them all when the test
+// ends.
 func StartCluster(t testing.TB, members int) *Cluster {
+	t.Helper()
+	return StartClusterWith(t, members, Options{})
+}
+
+// StartClusterWith is StartCluster with opts.
+func StartClusterWith(t testing.TB, members int, opts Options) *Cluster {
 	t.Helper()
 	if members < 1 {
 		t.Fatalf("etcdtest: %d members", members)
 	}
-	c := &Cluster{token: fmt.Sprintf("coffre-test-%d", time.Now().UnixNano())}
+	c := &Cluster{opts: opts, token: fmt.Sprintf("coffre-test-%d", time.Now().UnixNano())}
 	base := t.TempDir()
 	var initial []string
 	for i := range members {
@@ -117,7 +134,7 @@ func (c *Cluster) start(i int) error {
 	}
 	cfg.TickMs = 50
 	cfg.ElectionMs = 500
-	cfg.UnsafeNoFsync = true
+	cfg.UnsafeNoFsync = !c.opts.Fsync
 	cfg.Logger = "zap"
 	cfg.LogLevel = "error"
 	cfg.LogOutputs = []string{"stderr"}
