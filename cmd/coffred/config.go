@@ -110,7 +110,7 @@ const (
 //	                             (default 512): the most a receiver crash can make the sink resend
 //	audit.jsonl.path             append every entry to this JSON-lines file (optional)
 //	audit.jsonl.ocsf             write OCSF "API Activity" objects instead of the canonical entries
-//	metrics.listen               serve Prometheus metrics (audit log writable, entries, fsyncs, sink lag)
+//	metrics.listen               serve Prometheus metrics (audit log writable, entries, fsyncs, flush latency, sink lag)
 //	                             over plain HTTP on this host:port; optional, keep it on a management address
 //	log.level                    "debug", "info", "warn" or "error" (default "info")
 type Config struct {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/coffre-kms/coffre/kms/audit"
@@ -33,6 +34,17 @@ func (m *metrics) write(w io.Writer) {
 	fmt.Fprintf(w, "# HELP coffre_audit_entries Entries in the audit log.\n# TYPE coffre_audit_entries gauge\ncoffre_audit_entries %d\n", st.Entries)
 	fmt.Fprintf(w, "# HELP coffre_audit_commits_total Group commits of the audit log.\n# TYPE coffre_audit_commits_total counter\ncoffre_audit_commits_total %d\n", st.Batches)
 	fmt.Fprintf(w, "# HELP coffre_audit_fsyncs_total fsync calls on the audit log, failed ones included.\n# TYPE coffre_audit_fsyncs_total counter\ncoffre_audit_fsyncs_total %d\n", st.Fsyncs)
+	fmt.Fprintf(w, "# HELP coffre_audit_commit_flush_seconds How long group commits of the audit log waited for their write and fdatasync.\n# TYPE coffre_audit_commit_flush_seconds histogram\n")
+	var cum uint64
+	for i, c := range st.Flush.Counts {
+		cum += c
+		le := "+Inf"
+		if i < len(audit.FlushBuckets) {
+			le = strconv.FormatFloat(audit.FlushBuckets[i].Seconds(), 'g', -1, 64)
+		}
+		fmt.Fprintf(w, "coffre_audit_commit_flush_seconds_bucket{le=%q} %d\n", le, cum)
+	}
+	fmt.Fprintf(w, "coffre_audit_commit_flush_seconds_sum %g\ncoffre_audit_commit_flush_seconds_count %d\n", st.Flush.Sum.Seconds(), cum)
 	fmt.Fprintf(w, "# HELP coffre_audit_sink_lag Entries a sink has not yet delivered.\n# TYPE coffre_audit_sink_lag gauge\n")
 	if m.syslog != nil {
 		s := m.syslog.Status()

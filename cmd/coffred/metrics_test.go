@@ -43,7 +43,9 @@ func TestMetrics(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"coffre_audit_log_writable 1\n", "coffre_audit_entries 3\n", "# TYPE coffre_audit_fsyncs_total counter\n"} {
+	for _, want := range []string{"coffre_audit_log_writable 1\n", "coffre_audit_entries 3\n", "# TYPE coffre_audit_fsyncs_total counter\n",
+		"# TYPE coffre_audit_commit_flush_seconds histogram\n", "coffre_audit_commit_flush_seconds_bucket{le=\"5e-05\"} ",
+		"coffre_audit_commit_flush_seconds_bucket{le=\"+Inf\"} 3\n", "coffre_audit_commit_flush_seconds_count 3\n"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
 		}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -96,6 +97,73 @@ type Stats struct {
 	Entries uint64 // entries in the log
 	Batches uint64 // group commits that succeeded
 	Fsyncs  uint64 // fsync calls on the entries file, including failed ones
+	// Flush is how long group commits waited for their write and
+	// fdatasync: the disk's share of every audited call's latency.
+	Flush FlushHistogram
+}
+
+// FlushBuckets are the upper bounds of [FlushHistogram]'s buckets.
+var FlushBuckets = [...]time.Duration{
+	50 * time.Microsecond, 100 * time.Microsecond, 150 * time.Microsecond, 200 * time.Microsecond,
+	300 * time.Microsecond, 500 * time.Microsecond, 750 * time.Microsecond, time.Millisecond,
+	1500 * time.Microsecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 100 * time.Millisecond, time.Second,
+}
+
+// FlushHistogram counts group-commit flushes by duration: Counts[i] those
+// that took at most FlushBuckets[i] (and more than the bound before it),
+// the last count those slower than every bound.
+type FlushHistogram struct {
+	Counts [len(FlushBuckets) + 1]uint64
+	Sum    time.Duration
+}
+
+// Quantile returns the upper bound of the bucket holding quantile q (0 <
+// q ≤ 1) of the flushes, 0 if there were none and -1 if it is past the
+// last bound.
+func (h FlushHistogram) Quantile(q float64) time.Duration {
+	var total uint64
+	for _, c := range h.Counts {
+		total += c
+	}
+	if total == 0 {
+		return 0
+	}
+	need := uint64(math.Ceil(q * float64(total)))
+	var seen uint64
+	for i, c := range h.Counts {
+		if seen += c; seen >= need {
+			if i < len(FlushBuckets) {
+				return FlushBuckets[i]
+			}
+			break
+		}
+	}
+	return -1
+}
+
+// flushHist is FlushHistogram's concurrent form, kept by the committer.
+type flushHist struct {
+	counts [len(FlushBuckets) + 1]atomic.Uint64
+	sum    atomic.Int64
+}
+
+func (h *flushHist) observe(d time.Duration) {
+	i := 0
+	for i < len(FlushBuckets) && d > FlushBuckets[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sum.Add(int64(d))
+}
+
+func (h *flushHist) snapshot() FlushHistogram {
+	var out FlushHistogram
+	for i := range h.counts {
+		out.Counts[i] = h.counts[i].Load()
+	}
+	out.Sum = time.Duration(h.sum.Load())
+	return out
 }
 
 type appendReq struct {
@@ -177,6 +245,7 @@ type Log struct {
 	cpTrigger chan struct{}
 
 	batches, fsyncs atomic.Uint64
+	flush           flushHist
 	probing         atomic.Bool
 
 	// Replication (Options.Replicator). rmu guards pending and replicated
@@ -586,10 +655,12 @@ func (l *Log) commit(batch []*appendReq, buf []byte) ([]byte, error) {
 			payloads[k] = payload // a slice of buf: cloned below once buf stops growing
 		}
 	}
+	t0 := time.Now()
 	err := l.write(wf, buf, off)
 	if err != nil {
 		return buf, l.fail(err)
 	}
+	l.flush.observe(time.Since(t0))
 	l.batches.Add(1)
 	l.mu.Lock()
 	before := l.tree.size()
@@ -835,7 +906,7 @@ func (l *Log) Recovered() (truncatedBytes int64) { return l.recovered }
 
 // Stats returns counters for metrics.
 func (l *Log) Stats() Stats {
-	return Stats{Entries: l.Size(), Batches: l.batches.Load(), Fsyncs: l.fsyncs.Load()}
+	return Stats{Entries: l.Size(), Batches: l.batches.Load(), Fsyncs: l.fsyncs.Load(), Flush: l.flush.snapshot()}
 }
 
 // Size returns the number of durable entries.

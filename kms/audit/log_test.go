@@ -439,3 +439,47 @@ func TestAppendCanceledContext(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestFlushHistogram: a flush lands in the first bucket whose bound it does
+// not exceed, Quantile names that bound, and a real log counts one flush
+// per group commit.
+func TestFlushHistogram(t *testing.T) {
+	var h flushHist
+	for _, d := range []time.Duration{0, 50 * time.Microsecond, 51 * time.Microsecond, 900 * time.Microsecond, 2 * time.Second} {
+		h.observe(d)
+	}
+	s := h.snapshot()
+	want := [len(FlushBuckets) + 1]uint64{0: 2, 1: 1, 7: 1, len(FlushBuckets): 1}
+	if s.Counts != want {
+		t.Fatalf("counts %v, want %v", s.Counts, want)
+	}
+	if s.Sum != 2*time.Second+1001*time.Microsecond {
+		t.Fatalf("sum %v", s.Sum)
+	}
+	for _, tc := range []struct {
+		q    float64
+		want time.Duration
+	}{{0.2, 50 * time.Microsecond}, {0.4, 50 * time.Microsecond}, {0.6, 100 * time.Microsecond}, {0.8, time.Millisecond}, {1, -1}} {
+		if got := s.Quantile(tc.q); got != tc.want {
+			t.Errorf("Quantile(%v) = %v, want %v", tc.q, got, tc.want)
+		}
+	}
+	if got := (FlushHistogram{}).Quantile(0.99); got != 0 {
+		t.Errorf("Quantile of nothing = %v", got)
+	}
+
+	l := openTestLog(t, testOptions(t, t.TempDir()))
+	for i := range 5 {
+		if _, err := l.Append(context.Background(), testEntry(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := l.Stats()
+	var n uint64
+	for _, c := range st.Flush.Counts {
+		n += c
+	}
+	if n != st.Batches || n != 5 || st.Flush.Sum <= 0 {
+		t.Fatalf("%d flushes counted (sum %v) for %d batches, want 5", n, st.Flush.Sum, st.Batches)
+	}
+}

@@ -25,7 +25,7 @@ var serial atomic.Int64
 
 func nextSerial() *big.Int { return big.NewInt(serial.Add(1)) }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -54,7 +54,7 @@ func newTestCA(t *testing.T, name string) *testCA {
 }
 
 // issue makes a leaf certificate; eku nil leaves the extension out.
-func (ca *testCA) issue(t *testing.T, cn string, eku []x509.ExtKeyUsage, ips ...net.IP) tls.Certificate {
+func (ca *testCA) issue(t testing.TB, cn string, eku []x509.ExtKeyUsage, ips ...net.IP) tls.Certificate {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

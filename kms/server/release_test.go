@@ -52,7 +52,7 @@ type simNode struct {
 
 var nodePCRs = []uint32{0, 7}
 
-func openSimNode(t *testing.T) *simNode {
+func openSimNode(t testing.TB) *simNode {
 	t.Helper()
 	tpm, err := agent.OpenTPM("simulator")
 	if err != nil {
@@ -82,7 +82,7 @@ func (n *simNode) classProto(name string) *coffrev1.NodeClass {
 }
 
 // extend extends PCR 7 of the node's TPM, as a changed boot would.
-func (n *simNode) extend(t *testing.T) {
+func (n *simNode) extend(t testing.TB) {
 	t.Helper()
 	d := sha256.Sum256([]byte("another bootloader"))
 	_, err := tpm2.PCRExtend{
@@ -96,7 +96,7 @@ func (n *simNode) extend(t *testing.T) {
 
 // setup enrolls the node as name in class with labels (through
 // AdminService) and returns the admin client.
-func (f *fixture) setup(t *testing.T, n *simNode, name, class string, labels map[string]string) *admintest.Gated {
+func (f *fixture) setup(t testing.TB, n *simNode, name, class string, labels map[string]string) *admintest.Gated {
 	t.Helper()
 	admin := f.gated(t)
 	ctx := callCtx(t)
@@ -116,7 +116,7 @@ func (f *fixture) setup(t *testing.T, n *simNode, name, class string, labels map
 	return admin
 }
 
-func keyringWithPolicy(t *testing.T, admin *admintest.Gated, id string, classes []string, labels map[string]string, release coffrev1.Release) {
+func keyringWithPolicy(t testing.TB, admin *admintest.Gated, id string, classes []string, labels map[string]string, release coffrev1.Release) {
 	t.Helper()
 	ctx := callCtx(t)
 	if _, err := admin.CreateKeyring(ctx, &coffrev1.CreateKeyringRequest{Id: id}); err != nil {
@@ -329,7 +329,7 @@ func TestUnenrolledEKRefused(t *testing.T) {
 
 // attestRaw runs one attestation over the wire and returns the challenge
 // and the completion request, so a test can replay or alter it.
-func attestRaw(t *testing.T, att coffrev1.AttestServiceClient, n *simNode) (*coffrev1.ChallengeResponse, *coffrev1.CompleteRequest) {
+func attestRaw(t testing.TB, att coffrev1.AttestServiceClient, n *simNode) (*coffrev1.ChallengeResponse, *coffrev1.CompleteRequest) {
 	t.Helper()
 	ctx := callCtx(t)
 	ch, err := att.Challenge(ctx, &coffrev1.ChallengeRequest{EkPublic: n.a.EKPublic(), AkPublic: n.a.AKPublic()})
@@ -554,7 +554,7 @@ func TestEKRootsAndCertificateEnrollment(t *testing.T) {
 	}
 }
 
-func mustPKIX(t *testing.T, k *ecdsa.PrivateKey) []byte {
+func mustPKIX(t testing.TB, k *ecdsa.PrivateKey) []byte {
 	t.Helper()
 	der, err := x509.MarshalPKIXPublicKey(k.Public())
 	if err != nil {

@@ -72,14 +72,14 @@ type fixture struct {
 
 // newFixture serves a Server over a fresh SoftHSM root and bbolt store on
 // 127.0.0.1, with TLS set up the way cmd/coffred sets it up.
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	return newFixtureWith(t, kms.ReleaseConfig{})
 }
 
 // newFixtureWith is newFixture with a release configuration; its clock is
 // the fixture's, which the test moves by hand.
-func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig, mods ...func(*Options)) *fixture {
+func newFixtureWith(t testing.TB, rcfg kms.ReleaseConfig, mods ...func(*Options)) *fixture {
 	t.Helper()
 	root := hsmtest.NewRoot(t)
 	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "coffre.db"), store.BoltOptions{})
@@ -148,7 +148,7 @@ func newFixtureWith(t *testing.T, rcfg kms.ReleaseConfig, mods ...func(*Options)
 // gated returns an admin client whose quorum-gated calls are proposed and
 // approved by the fixture's one test admin (a 1-of-1 quorum installed on
 // first use).
-func (f *fixture) gated(t *testing.T) *admintest.Gated {
+func (f *fixture) gated(t testing.TB) *admintest.Gated {
 	t.Helper()
 	c := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
 	if f.gatedAdmin == nil {
@@ -165,7 +165,7 @@ func (f *fixture) gated(t *testing.T) *admintest.Gated {
 // certificate is sent whatever CAs the server says it accepts, as an
 // attacker would: Go's client would otherwise withhold one that does not
 // match, and the server's own refusal would go untested.
-func (f *fixture) dial(t *testing.T, certs ...tls.Certificate) *grpc.ClientConn {
+func (f *fixture) dial(t testing.TB, certs ...tls.Certificate) *grpc.ClientConn {
 	t.Helper()
 	tc := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: f.serverCA.pool}
 	if len(certs) > 0 {
@@ -179,13 +179,13 @@ func (f *fixture) dial(t *testing.T, certs ...tls.Certificate) *grpc.ClientConn 
 	return conn
 }
 
-func callCtx(t *testing.T) context.Context {
+func callCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
 	return ctx
 }
 
-func wantCode(t *testing.T, err error, code codes.Code, msgPart string) {
+func wantCode(t testing.TB, err error, code codes.Code, msgPart string) {
 	t.Helper()
 	st := status.Convert(err)
 	if st.Code() != code {
