@@ -145,7 +145,8 @@ type haNode struct {
 // which the shared root key value is imported as object "root" (so every
 // node's root has the same ID, pkcs11:token=coffre;object=root, and unwraps
 // the same KEKs), an audit signer, and the configuration file.
-func newHANode(t *testing.T, name string, pki *haPKI, endpoints []string, prefix string, rootKey []byte) *haNode {
+// mods, if any, edit the configuration before it is written.
+func newHANode(t *testing.T, name string, pki *haPKI, endpoints []string, prefix string, rootKey []byte, mods ...func(cfg map[string]any)) *haNode {
 	t.Helper()
 	dir := t.TempDir()
 	// hsmtest points this process's SOFTHSM2_CONF at the new instance; the
@@ -206,6 +207,9 @@ func newHANode(t *testing.T, name string, pki *haPKI, endpoints []string, prefix
 			"checkpoint_interval": "200ms",
 		},
 		"log": map[string]any{"level": "info"},
+	}
+	for _, m := range mods {
+		m(cfg)
 	}
 	if err := os.WriteFile(n.cfgPath, mustJSON(t, cfg), 0o600); err != nil {
 		t.Fatal(err)

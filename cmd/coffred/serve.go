@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -183,7 +184,11 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		_ = lis.Close() // the error that matters is err
 		return err
 	}
-	log.Info("serving", "addr", addr, "root", root.ID(), "store", cfg.Store.Path)
+	storeDesc := "bbolt:" + cfg.Store.Path
+	if cfg.Store.Engine == "etcd" {
+		storeDesc = "etcd:" + strings.Join(cfg.Store.Endpoints, ",") + " prefix " + cfg.Store.Prefix
+	}
+	log.Info("serving", "addr", addr, "root", root.ID(), "store", storeDesc)
 
 	// Scheduled rotations and destructions, each audited before it happens.
 	lctx, stopLifecycle := context.WithCancel(ctx)
