@@ -3,12 +3,12 @@ package kms
 import (
 	"context"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/internal/loadtest"
 	"github.com/coffre-kms/coffre/kms/store"
 	"github.com/coffre-kms/coffre/kms/store/etcdtest"
 )
@@ -50,24 +50,13 @@ func BenchmarkAuditAppendReplicated(b *testing.B) {
 			}
 			defer l.Close()
 			ctx := context.Background()
-			var next atomic.Int64
-			b.ResetTimer()
-			start := time.Now()
-			var wg sync.WaitGroup
-			for range 64 {
-				wg.Go(func() {
-					for next.Add(1) <= int64(b.N) {
-						e := &audit.Entry{Time: time.Now(), Actor: audit.Actor{Kind: audit.ActorNode, ID: "node-1"},
-							Operation: "key.generate_data_key", Keyring: "acme/disks", Tenant: "acme", Decision: audit.Allow}
-						if _, err := l.Append(ctx, e); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			}
-			wg.Wait()
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "entries/s")
+			r := loadtest.Run(b, 64, b.N, func(int) error {
+				e := &audit.Entry{Time: time.Now(), Actor: audit.Actor{Kind: audit.ActorNode, ID: "node-1"},
+					Operation: "key.generate_data_key", Keyring: "acme/disks", Tenant: "acme", Decision: audit.Allow}
+				_, err := l.Append(ctx, e)
+				return err
+			})
+			b.ReportMetric(r.PerSecond(), "entries/s")
 		})
 	}
 }
@@ -103,26 +92,12 @@ func BenchmarkReleaseTwoNodesEtcd(b *testing.B) {
 	// load runs n releases spread over callers goroutines on each node and
 	// returns releases/s per node.
 	load := func(b *testing.B, callers int, nodes []*ReleaseService, tokens []string, id KeyringID) float64 {
-		var next atomic.Int64
-		total := int64(b.N) * int64(len(nodes))
-		b.ResetTimer()
-		start := time.Now()
-		var wg sync.WaitGroup
-		for i, rel := range nodes {
-			for range callers {
-				wg.Go(func() {
-					for next.Add(1) <= total {
-						if _, err := rel.GenerateDataKey(context.Background(), tokens[i], id, ec); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			}
-		}
-		wg.Wait()
-		b.StopTimer()
-		return float64(total) / time.Since(start).Seconds() / float64(len(nodes))
+		r := loadtest.Run(b, callers*len(nodes), b.N*len(nodes), func(c int) error {
+			i := c % len(nodes)
+			_, err := nodes[i].GenerateDataKey(context.Background(), tokens[i], id, ec)
+			return err
+		})
+		return r.PerSecond() / float64(len(nodes))
 	}
 	cluster := etcdtest.StartClusterWith(b, 3, etcdtest.Options{Fsync: true})
 	for _, callers := range []int{64, 512} {

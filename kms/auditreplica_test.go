@@ -53,11 +53,7 @@ func TestAuditReplicaEtcd(t *testing.T) {
 }
 
 func TestAuditReplicaBolt(t *testing.T) {
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openBoltT(t)
 	testAuditReplica(t, st)
 }
 
@@ -195,11 +191,7 @@ func testAuditReplica(t *testing.T, st store.Store) {
 }
 
 func TestAuditReplicaRetryAndGap(t *testing.T) {
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openBoltT(t)
 	ctx := context.Background()
 	r := StoreAuditReplica{Store: st}
 	entry := func(i uint64) []byte {
@@ -227,7 +219,7 @@ func TestAuditReplicaRetryAndGap(t *testing.T) {
 	if err := r.Replicate(ctx, "n", 5, [][]byte{entry(5)}); err != nil {
 		t.Fatal(err)
 	}
-	_, err = ReadReplicatedAudit(ctx, st, "n")
+	_, err := ReadReplicatedAudit(ctx, st, "n")
 	if err == nil || !strings.Contains(err.Error(), "entries 2..4 missing") {
 		t.Fatalf("gap: %v", err)
 	}
@@ -241,11 +233,7 @@ func TestAuditReplicaRetryAndGap(t *testing.T) {
 // format are still read and count as the same batch on a retry; a value
 // that would decompress past the store's limit is refused.
 func TestAuditBatchFormat(t *testing.T) {
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openBoltT(t)
 	ctx := context.Background()
 	r := StoreAuditReplica{Store: st}
 
@@ -375,11 +363,7 @@ func checkpointSizes(t *testing.T, st store.Store, node string) []uint64 {
 // lines) is fine; another checkpoint of a retained size, or a smaller one
 // than the latest, is refused as a fork.
 func TestAuditReplicaCheckpointHistory(t *testing.T) {
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openBoltT(t)
 	ctx := ctxT(t)
 	const node = "node-h"
 	signer, err := audit.GenerateSigner("node-h")
@@ -825,11 +809,7 @@ func FuzzDecodeRecent(f *testing.F) {
 // acknowledged; a replica holding more than the local log (a local log
 // restored from an old copy) refuses appends.
 func TestAuditReplicaCatchUp(t *testing.T) {
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openBoltT(t)
 	ctx := context.Background()
 	signer, err := audit.GenerateSigner("n1")
 	if err != nil {

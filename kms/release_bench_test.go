@@ -3,13 +3,11 @@ package kms
 import (
 	"context"
 	"path/filepath"
-	"slices"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/internal/loadtest"
 )
 
 // BenchmarkAttestSession: server CPU for one attestation session,
@@ -175,33 +173,11 @@ func BenchmarkReleaseAuditLatency(b *testing.B) {
 		if _, err := f.rel.GenerateDataKey(ctx, token, id, ec); err != nil {
 			b.Fatal(err)
 		}
-		lat := make([][]time.Duration, callers)
-		var next atomic.Int64
-		b.ResetTimer()
-		var wg sync.WaitGroup
-		for c := range callers {
-			wg.Go(func() {
-				for next.Add(1) <= int64(b.N) {
-					t0 := time.Now()
-					if _, err := f.rel.GenerateDataKey(ctx, token, id, ec); err != nil {
-						b.Error(err)
-						return
-					}
-					lat[c] = append(lat[c], time.Since(t0))
-				}
-			})
-		}
-		wg.Wait()
-		b.StopTimer()
-		all := slices.Concat(lat...)
-		slices.Sort(all)
-		if len(all) == 0 {
-			return 0, 0
-		}
-		p50, p99 = all[len(all)/2], all[len(all)*99/100]
-		b.ReportMetric(float64(p50.Microseconds()), "p50-µs")
-		b.ReportMetric(float64(p99.Microseconds()), "p99-µs")
-		return p50, p99
+		r := loadtest.Run(b, callers, b.N, func(int) error {
+			_, err := f.rel.GenerateDataKey(ctx, token, id, ec)
+			return err
+		})
+		return r.ReportLatency(b)
 	}
 	var base50 time.Duration
 	b.Run("no-audit", func(b *testing.B) { base50, _ = run(b, noAudit{}) })

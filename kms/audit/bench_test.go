@@ -2,11 +2,9 @@ package audit
 
 import (
 	"context"
-	"slices"
-	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
+
+	"github.com/coffre-kms/coffre/kms/internal/loadtest"
 )
 
 // BenchmarkAppend64 measures durable appends with 64 concurrent writers
@@ -27,34 +25,12 @@ func benchAppend(b *testing.B, prealloc int64) {
 	opts.Preallocate = prealloc
 	l := openTestLog(b, opts)
 	ctx := context.Background()
-	var next atomic.Int64
-	lat := make([][]time.Duration, writers)
-	b.ResetTimer()
-	start := time.Now()
-	var wg sync.WaitGroup
-	for w := range writers {
-		wg.Go(func() {
-			for next.Add(1) <= int64(b.N) {
-				e := testEntry(w)
-				t0 := time.Now()
-				if _, err := l.Append(ctx, e); err != nil {
-					b.Error(err)
-					return
-				}
-				lat[w] = append(lat[w], time.Since(t0))
-			}
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	b.StopTimer()
-	all := slices.Concat(lat...)
-	slices.Sort(all)
-	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "entries/s")
-	if len(all) > 0 {
-		b.ReportMetric(float64(all[len(all)*99/100].Microseconds()), "p99-µs")
-		b.ReportMetric(float64(all[len(all)/2].Microseconds()), "p50-µs")
-	}
+	r := loadtest.Run(b, writers, b.N, func(w int) error {
+		_, err := l.Append(ctx, testEntry(w))
+		return err
+	})
+	b.ReportMetric(r.PerSecond(), "entries/s")
+	r.ReportLatency(b)
 	st := l.Stats()
 	if st.Fsyncs > 0 {
 		b.ReportMetric(float64(b.N)/float64(st.Fsyncs), "entries/fsync")

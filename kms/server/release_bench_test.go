@@ -4,15 +4,13 @@ import (
 	"context"
 	"log/slog"
 	"path/filepath"
-	"slices"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/coffre-kms/coffre/attest/agent"
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/internal/loadtest"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -46,33 +44,11 @@ func BenchmarkReleaseAuditOverGRPC(b *testing.B) {
 		if _, _, err := c.GenerateDataKey(ctx, "acme/disks", ec); err != nil { // attests, warms the KEK cache
 			b.Fatal(err)
 		}
-		lat := make([][]time.Duration, callers)
-		var next atomic.Int64
-		b.ResetTimer()
-		var wg sync.WaitGroup
-		for g := range callers {
-			wg.Go(func() {
-				for next.Add(1) <= int64(b.N) {
-					t0 := time.Now()
-					if _, _, err := c.GenerateDataKey(ctx, "acme/disks", ec); err != nil {
-						b.Error(err)
-						return
-					}
-					lat[g] = append(lat[g], time.Since(t0))
-				}
-			})
-		}
-		wg.Wait()
-		b.StopTimer()
-		all := slices.Concat(lat...)
-		if len(all) == 0 {
-			return 0, 0
-		}
-		slices.Sort(all)
-		p50, p99 = all[len(all)/2], all[len(all)*99/100]
-		b.ReportMetric(float64(p50.Microseconds()), "p50-µs")
-		b.ReportMetric(float64(p99.Microseconds()), "p99-µs")
-		return p50, p99
+		r := loadtest.Run(b, callers, b.N, func(int) error {
+			_, _, err := c.GenerateDataKey(ctx, "acme/disks", ec)
+			return err
+		})
+		return r.ReportLatency(b)
 	}
 	var base50, base99 time.Duration
 	b.Run("no-audit", func(b *testing.B) { base50, base99 = run(b, noAuditor{}) })
