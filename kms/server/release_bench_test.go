@@ -3,13 +3,12 @@ package server
 import (
 	"context"
 	"log/slog"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/coffre-kms/coffre/attest/agent"
 	"github.com/coffre-kms/coffre/kms"
-	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/audit/audittest"
 	"github.com/coffre-kms/coffre/kms/internal/loadtest"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
@@ -53,22 +52,12 @@ func BenchmarkReleaseAuditOverGRPC(b *testing.B) {
 	var base50, base99 time.Duration
 	b.Run("no-audit", func(b *testing.B) { base50, base99 = run(b, noAuditor{}) })
 	b.Run("audit-log", func(b *testing.B) {
-		signer, err := audit.GenerateSigner("bench")
-		if err != nil {
-			b.Fatal(err)
-		}
-		l, err := audit.Open(audit.Options{Dir: filepath.Join(b.TempDir(), "audit"), Node: "n1", Origin: "bench", Signer: signer})
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer l.Close()
+		l := audittest.NewLog(b)
 		p50, p99 := run(b, kms.AuditLog{Log: l})
 		if base50 > 0 {
 			b.ReportMetric(float64((p50 - base50).Microseconds()), "added-p50-µs")
 			b.ReportMetric(float64((p99 - base99).Microseconds()), "added-p99-µs")
 		}
-		fl := l.Stats().Flush
-		b.ReportMetric(float64(fl.Quantile(0.5).Microseconds()), "flush-p50-µs")
-		b.ReportMetric(float64(fl.Quantile(0.99).Microseconds()), "flush-p99-µs")
+		audittest.ReportFlush(b, l)
 	})
 }
