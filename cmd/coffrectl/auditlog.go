@@ -35,7 +35,7 @@ func auditCommands() []*command {
 	return []*command{
 		{
 			path: "audit tail", args: "", nargs: 0,
-			summary: "Print the last entries of the node's audit log (--follow to keep following it). Needs an auditor certificate.",
+			summary: "Print the last entries of the node's audit log, up to its latest signed checkpoint (published at least every second; --follow keeps following it, entry by entry). Needs an auditor certificate.",
 			flags: func(fs *flag.FlagSet) {
 				fs.BoolVar(&follow, "follow", false, "keep printing new entries until interrupted")
 				fs.Uint64Var(&last, "n", 20, "how many of the latest entries to print first")
