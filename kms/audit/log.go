@@ -228,6 +228,9 @@ type Log struct {
 	extendSig chan struct{}
 	grown     chan struct{}
 	failed    error // non-nil: ErrUnavailable wrapping the cause
+	// unhealthy mirrors failed, or else replFailed, for reading without
+	// mu (noteHealthLocked); nil when both are nil.
+	unhealthy atomic.Pointer[error]
 	latest    Checkpoint
 	cpErr     error
 	recovered int64
@@ -565,8 +568,8 @@ func (l *Log) Append(ctx context.Context, e *Entry) (uint64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	if err := l.Healthy(); err != nil {
-		return 0, err
+	if h := l.unhealthy.Load(); h != nil {
+		return 0, *h // refused before queueing; a closed log answers below
 	}
 	l.qmu.Lock()
 	if l.closed {
@@ -811,6 +814,7 @@ func (l *Log) fail(cause error) error {
 	err := fmt.Errorf("%w: %w", ErrUnavailable, cause)
 	l.mu.Lock()
 	l.failed = err
+	l.noteHealthLocked()
 	l.mu.Unlock()
 	l.log.Error("audit log unwritable: refusing appends until it recovers", "err", cause)
 	if l.probing.CompareAndSwap(false, true) {
@@ -862,6 +866,7 @@ func (l *Log) probe() {
 		l.wf = f
 		l.alloc = end
 		l.failed = nil
+		l.noteHealthLocked()
 		l.mu.Unlock()
 		l.extMu.Unlock()
 		l.wantExtent()
@@ -874,14 +879,8 @@ func (l *Log) probe() {
 // Healthy returns nil if the log accepts appends, else an error wrapping
 // [ErrUnavailable] (with the cause, e.g. an *os.PathError), or [ErrClosed].
 func (l *Log) Healthy() error {
-	l.mu.RLock()
-	failed := l.failed
-	if failed == nil {
-		failed = l.replFailed
-	}
-	l.mu.RUnlock()
-	if failed != nil {
-		return failed
+	if h := l.unhealthy.Load(); h != nil {
+		return *h
 	}
 	l.qmu.Lock()
 	defer l.qmu.Unlock()
@@ -889,6 +888,22 @@ func (l *Log) Healthy() error {
 		return ErrClosed
 	}
 	return nil
+}
+
+// noteHealthLocked publishes failed (or else replFailed) for the lock-free
+// checks of Append and Healthy: 64 callers taking l.mu's read lock on
+// every append queued behind each commit's write lock. The caller holds
+// l.mu for writing.
+func (l *Log) noteHealthLocked() {
+	err := l.failed
+	if err == nil {
+		err = l.replFailed
+	}
+	if err == nil {
+		l.unhealthy.Store(nil)
+		return
+	}
+	l.unhealthy.Store(&err)
 }
 
 // CheckpointHealth returns the last error writing a checkpoint, nil once a

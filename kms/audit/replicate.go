@@ -109,6 +109,7 @@ func (l *Log) replicatePending() error {
 func (l *Log) failReplication(err error) {
 	l.mu.Lock()
 	l.replFailed = err
+	l.noteHealthLocked()
 	l.mu.Unlock()
 	l.log.Error("audit log: replication failed: refusing appends until it recovers", "err", err)
 	if l.replProbing.CompareAndSwap(false, true) {
@@ -141,6 +142,7 @@ func (l *Log) replProbe() {
 		if err == nil {
 			l.mu.Lock()
 			l.replFailed = nil
+			l.noteHealthLocked()
 			l.mu.Unlock()
 		}
 		replicated := l.replicated
