@@ -319,8 +319,8 @@ func auditCommands() []*command {
 				if keyName == "" || keyOut == "" {
 					return fmt.Errorf("%w: --name and --out are required", errUsage)
 				}
-				if _, err := os.Stat(keyOut); err == nil {
-					return fmt.Errorf("%s exists; refusing to overwrite a key", keyOut)
+				if err := refuseExisting("a key", keyOut); err != nil {
+					return err
 				}
 				s, err := audit.GenerateSigner(keyName)
 				if err != nil {

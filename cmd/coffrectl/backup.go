@@ -62,10 +62,8 @@ func backupCommands() []*command {
 				if out == "" {
 					return fmt.Errorf("%w: --out is required", errUsage)
 				}
-				for _, p := range []string{out, out + ".pub"} {
-					if _, err := os.Lstat(p); err == nil {
-						return fmt.Errorf("%s exists; refusing to overwrite a key", p)
-					}
+				if err := refuseExisting("a key", out, out+".pub"); err != nil {
+					return err
 				}
 				pass, err := keyfile.ReadPassphrase(passFile, "passphrase for the new transfer key: ", e.stderr)
 				if err != nil {
@@ -221,8 +219,8 @@ func writeExportedBackup(e *env, out string, data []byte) error {
 	if err != nil {
 		return fmt.Errorf("the server returned something that is not a backup: %w", err)
 	}
-	if _, err := os.Lstat(out); err == nil {
-		return fmt.Errorf("%s exists; refusing to overwrite it", out)
+	if err := refuseExisting("it", out); err != nil {
+		return err
 	}
 	if err := atomicfile.WriteFile(out, data, 0o600); err != nil {
 		return err

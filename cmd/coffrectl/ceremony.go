@@ -164,9 +164,7 @@ func ceremonyInitRecoverable(ctx context.Context, e *env, root, auditDir string,
 	paths := make([]string, n)
 	for i := range paths {
 		paths[i] = filepath.Join(dir, fmt.Sprintf("share-%d-of-%d.txt", i+1, n))
-		if _, err := os.Lstat(paths[i]); err == nil {
-			return fmt.Errorf("%s exists; refusing to overwrite a custodian share", paths[i])
-		} else if !errors.Is(err, os.ErrNotExist) {
+		if err := refuseExisting("a custodian share", paths[i]); err != nil {
 			return err
 		}
 	}

@@ -208,3 +208,18 @@ func usage(w io.Writer, cs []*command, prefix string) {
 	fmt.Fprintln(w, "Every command takes --help. Server commands read COFFRE_ADDR, COFFRE_CA, COFFRE_CERT")
 	fmt.Fprintln(w, "and COFFRE_KEY (. var/dev/env sets them for the dev server); flags override them.")
 }
+
+// refuseExisting returns an error naming the first of paths that exists
+// ("P exists; refusing to overwrite WHAT"), or the error of one that cannot
+// be checked: coffrectl never replaces a key, share or backup it writes.
+// Lstat, so that a link there is refused too.
+func refuseExisting(what string, paths ...string) error {
+	for _, p := range paths {
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("%s exists; refusing to overwrite %s", p, what)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}

@@ -10,7 +10,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 
 	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
@@ -39,12 +38,8 @@ func custodianCommands() []*command {
 			if out == "" {
 				return fmt.Errorf("%w: --out is required", errUsage)
 			}
-			for _, p := range []string{out, out + ".pub"} {
-				if _, err := os.Lstat(p); err == nil {
-					return fmt.Errorf("%s exists; refusing to overwrite a key", p)
-				} else if !errors.Is(err, os.ErrNotExist) {
-					return err
-				}
+			if err := refuseExisting("a key", out, out+".pub"); err != nil {
+				return err
 			}
 			pass, err := newCustodianPassphrase(passFile, e.stderr)
 			if err != nil {

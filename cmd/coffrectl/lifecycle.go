@@ -172,8 +172,8 @@ func lifecycleCommands() []*command {
 				if err != nil {
 					return fmt.Errorf("--to: %w", err)
 				}
-				if _, err := os.Lstat(out); err == nil {
-					return fmt.Errorf("--out: %s exists; refusing to overwrite it", out)
+				if err := refuseExisting("it", out); err != nil {
+					return fmt.Errorf("--out: %w", err)
 				}
 				return withBackupOut(e, out, func(e *env) error {
 					return gatedCall(ctx, e, &coffrev1.Operation{Op: &coffrev1.Operation_ExportBackup{ExportBackup: &coffrev1.ExportBackupRequest{To: key}}}, &coffrev1.ExportBackupResponse{})
