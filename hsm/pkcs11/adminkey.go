@@ -139,24 +139,9 @@ func openAdminKey(ctx context.Context, cfg Config, create bool) (*AdminKey, erro
 }
 
 func (r *Root) adminConnect(ctx context.Context, create bool) (*AdminKey, error) {
-	gen, err := r.mod.ensureInitialized()
+	s, _, err := r.loginSession(ctx, create)
 	if err != nil {
 		return nil, err
-	}
-	slot, gen, err := r.findToken(gen)
-	if err != nil {
-		return nil, err
-	}
-	s, err := r.mod.openSession(gen, slot, create)
-	if err != nil {
-		return nil, r.unavailable(fmt.Errorf("C_OpenSession: %w", err))
-	}
-	if err := s.login(r.pin); err != nil {
-		s.close()
-		if pinRefused(err) {
-			return nil, fmt.Errorf("pkcs11: %s refused the user PIN from %s; not retrying, so as not to lock the token: %w", r.tokenDesc(), r.uri.PINSource, err)
-		}
-		return nil, r.unavailable(fmt.Errorf("C_Login: %w", err))
 	}
 	k := &AdminKey{id: r.id, label: r.uri.Object, mod: r.mod, s: s}
 	if err := ctx.Err(); err != nil {

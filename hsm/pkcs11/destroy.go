@@ -32,30 +32,11 @@ func DestroyRoot(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer r.mod.release()
-	gen, err := r.mod.ensureInitialized()
+	s, _, err := r.loginSession(ctx, true)
 	if err != nil {
 		return err
 	}
-	slot, gen, err := r.findToken(gen)
-	if err != nil {
-		return err
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	s, err := r.mod.openSession(gen, slot, true)
-	if err != nil {
-		return r.unavailable(fmt.Errorf("C_OpenSession: %w", err))
-	}
-	// Closing the session is enough: C_Logout would log out every other
-	// session this process has on the token, including live Roots'.
 	defer s.close()
-	if err := s.login(r.pin); err != nil {
-		if pinRefused(err) {
-			return fmt.Errorf("pkcs11: %s refused the user PIN from %s: %w", r.tokenDesc(), r.uri.PINSource, err)
-		}
-		return r.unavailable(fmt.Errorf("C_Login: %w", err))
-	}
 	hs, err := s.findObjects(r.uri.Object, r.uri.ID, true)
 	if err != nil {
 		return r.keyErr("searching for", err)

@@ -2,7 +2,6 @@ package pkcs11
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 
@@ -72,64 +71,19 @@ func ImportRoot(ctx context.Context, cfg Config, key []byte) (*Root, error) {
 // sessions, checks the attributes the token applied and records its CKA_ID
 // in r.keyID.
 func (r *Root) importKey(ctx context.Context, key []byte) error {
-	gen, err := r.mod.ensureInitialized()
+	s, slot, err := r.loginSession(ctx, false)
 	if err != nil {
 		return err
-	}
-	slot, gen, err := r.findToken(gen)
-	if err != nil {
-		return err
-	}
-	s, err := r.mod.openSession(gen, slot, false)
-	if err != nil {
-		return r.unavailable(fmt.Errorf("C_OpenSession: %w", err))
 	}
 	defer s.close()
-	if err := s.login(r.pin); err != nil {
-		if pinRefused(err) {
-			return fmt.Errorf("pkcs11: %s refused the user PIN from %s; not retrying, so as not to lock the token: %w", r.tokenDesc(), r.uri.PINSource, err)
-		}
-		return r.unavailable(fmt.Errorf("C_Login: %w", err))
-	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	// As in create: any object, not only AES keys, under the label or id.
-	hs, err := s.findObjects(r.uri.Object, nil, false)
-	if err == nil && len(hs) == 0 && len(r.uri.ID) > 0 {
-		hs, err = s.findObjects("", r.uri.ID, false)
-	}
+	_, id, err := r.createKey(s, slot, "imported", "importing", imported, func(rw session, id []byte) (objectHandle, error) {
+		return rw.createRootKey(r.uri.Object, id, key)
+	})
 	if err != nil {
-		return r.keyErr("searching for", err)
-	}
-	if len(hs) > 0 {
-		return fmt.Errorf("%w: %s", hsm.ErrKeyExists, r.id)
-	}
-	id := r.uri.ID
-	if len(id) == 0 {
-		id = make([]byte, rootIDSize)
-		if _, err := rand.Read(id); err != nil {
-			return err
-		}
-	}
-	rw, err := r.mod.openSession(s.gen, slot, true)
-	if err != nil {
-		return r.keyErr("opening a read-write session for", err)
-	}
-	defer rw.close()
-	h, err := rw.createRootKey(r.uri.Object, id, key)
-	if err != nil {
-		return r.keyErr("importing", err)
-	}
-	a, err := s.attributes(h)
-	if err == nil && a != imported {
-		err = fmt.Errorf("the token did not apply the template: got %+v, want %+v", a, imported)
-	}
-	if err != nil {
-		if derr := rw.destroy(h); derr != nil {
-			return fmt.Errorf("pkcs11: imported root key %s is unusable (%v) and could not be destroyed: %w", r.id, err, derr)
-		}
-		return fmt.Errorf("pkcs11: imported root key %s destroyed: %w", r.id, err)
+		return err
 	}
 	r.keyID = append([]byte(nil), id...)
 	return nil
@@ -144,34 +98,16 @@ var imported = func() hsm.Attributes {
 	return a
 }()
 
-// createRootKey makes the root key object from its value, with the same
-// template as generateRootKey plus CKA_VALUE (and without CKA_VALUE_LEN,
-// which C_CreateObject refuses for a key whose value is given).
+// createRootKey makes the root key object from its value: rootKeyTemplate
+// plus CKA_VALUE (without CKA_VALUE_LEN, which C_CreateObject refuses for a
+// key whose value is given).
 func (s session) createRootKey(label string, id, value []byte) (objectHandle, error) {
 	if len(value) != rootKeySize {
 		return 0, errors.New("pkcs11: root key value is not 32 bytes")
 	}
-	tmpl := []*p11.Attribute{
-		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_SECRET_KEY),
-		p11.NewAttribute(p11.CKA_KEY_TYPE, p11.CKK_AES),
-		p11.NewAttribute(p11.CKA_TOKEN, true),
-		p11.NewAttribute(p11.CKA_PRIVATE, true),
-		p11.NewAttribute(p11.CKA_SENSITIVE, true),
-		p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
-		p11.NewAttribute(p11.CKA_MODIFIABLE, false),
-		p11.NewAttribute(p11.CKA_ENCRYPT, true),
-		p11.NewAttribute(p11.CKA_DECRYPT, true),
-		p11.NewAttribute(p11.CKA_WRAP, false),
-		p11.NewAttribute(p11.CKA_UNWRAP, false),
-		p11.NewAttribute(p11.CKA_SIGN, false),
-		p11.NewAttribute(p11.CKA_VERIFY, false),
-		p11.NewAttribute(p11.CKA_DERIVE, false),
-		p11.NewAttribute(p11.CKA_LABEL, label),
-		p11.NewAttribute(p11.CKA_ID, id),
-		// NewAttribute keeps the slice itself, not a copy: nothing to clear
-		// on the Go side beyond the caller's buffer.
-		p11.NewAttribute(p11.CKA_VALUE, value),
-	}
+	// NewAttribute keeps the slice itself, not a copy: nothing to clear on
+	// the Go side beyond the caller's buffer.
+	tmpl := append(rootKeyTemplate(label, id), p11.NewAttribute(p11.CKA_VALUE, value))
 	var h p11.ObjectHandle
 	err := s.m.call(s.gen, func(c *p11.Ctx) error {
 		var err error

@@ -342,17 +342,17 @@ func (s session) findTemplate(tmpl []*p11.Attribute) ([]objectHandle, error) {
 	return out, err
 }
 
-// generateRootKey makes an AES-256 root key on the token. Every attribute
-// that matters is set explicitly: SoftHSM (and others) default to
-// permissive values (extractable, wrap and unwrap allowed) for anything the
-// template leaves out. The key can encrypt and decrypt and nothing else; in
-// particular it never has WRAP/UNWRAP together with DECRYPT, which would let
-// a caller unwrap a key it wrapped and then decrypt it out.
-func (s session) generateRootKey(label string, id []byte) (objectHandle, error) {
-	tmpl := []*p11.Attribute{
+// rootKeyTemplate is the template of every root key, generated or
+// imported, less how its value is given. Every attribute that matters is
+// set explicitly: SoftHSM (and others) default to permissive values
+// (extractable, wrap and unwrap allowed) for anything the template leaves
+// out. The key can encrypt and decrypt and nothing else; in particular it
+// never has WRAP/UNWRAP together with DECRYPT, which would let a caller
+// unwrap a key it wrapped and then decrypt it out.
+func rootKeyTemplate(label string, id []byte) []*p11.Attribute {
+	return []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_SECRET_KEY),
 		p11.NewAttribute(p11.CKA_KEY_TYPE, p11.CKK_AES),
-		p11.NewAttribute(p11.CKA_VALUE_LEN, 32),
 		p11.NewAttribute(p11.CKA_TOKEN, true),
 		p11.NewAttribute(p11.CKA_PRIVATE, true),
 		p11.NewAttribute(p11.CKA_SENSITIVE, true),
@@ -368,6 +368,11 @@ func (s session) generateRootKey(label string, id []byte) (objectHandle, error) 
 		p11.NewAttribute(p11.CKA_LABEL, label),
 		p11.NewAttribute(p11.CKA_ID, id),
 	}
+}
+
+// generateRootKey makes an AES-256 root key on the token (rootKeyTemplate).
+func (s session) generateRootKey(label string, id []byte) (objectHandle, error) {
+	tmpl := append(rootKeyTemplate(label, id), p11.NewAttribute(p11.CKA_VALUE_LEN, 32))
 	mech := []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_KEY_GEN, nil)}
 	var h p11.ObjectHandle
 	err := s.m.call(s.gen, func(c *p11.Ctx) error {

@@ -223,34 +223,49 @@ func (r *Root) unavailable(err error) error {
 	return fmt.Errorf("%w: %s: %v", hsm.ErrUnavailable, r.tokenDesc(), err)
 }
 
-// connect makes a new connection: library initialised, token found, a
-// logged-in session, the key found (or created) and checked.
-func (r *Root) connect(ctx context.Context, create bool) (*conn, error) {
+// loginSession initialises the library, finds the token and returns a
+// session on it (read-write if rw) logged in with the user PIN, and the
+// token's slot. The caller closes the session; closing it is enough, as
+// C_Logout would log out every other session this process has on the
+// token, including live Roots'. A refused PIN is not retried, so as not to
+// lock the token; anything else unreachable wraps [hsm.ErrUnavailable].
+func (r *Root) loginSession(ctx context.Context, rw bool) (session, uint, error) {
 	gen, err := r.mod.ensureInitialized()
 	if err != nil {
-		return nil, err
+		return session{}, 0, err
 	}
 	slot, gen, err := r.findToken(gen)
 	if err != nil {
-		return nil, err
+		return session{}, 0, err
 	}
 	if err := ctx.Err(); err != nil {
+		return session{}, 0, err
+	}
+	s, err := r.mod.openSession(gen, slot, rw)
+	if err != nil {
+		return session{}, 0, r.unavailable(fmt.Errorf("C_OpenSession: %w", err))
+	}
+	if err := s.login(r.pin); err != nil {
+		s.close()
+		if pinRefused(err) {
+			return session{}, 0, fmt.Errorf("pkcs11: %s refused the user PIN from %s; not retrying, so as not to lock the token: %w", r.tokenDesc(), r.uri.PINSource, err)
+		}
+		return session{}, 0, r.unavailable(fmt.Errorf("C_Login: %w", err))
+	}
+	return s, slot, nil
+}
+
+// connect makes a new connection: library initialised, token found, a
+// logged-in session, the key found (or created) and checked.
+func (r *Root) connect(ctx context.Context, create bool) (*conn, error) {
+	s, slot, err := r.loginSession(ctx, false)
+	if err != nil {
 		return nil, err
 	}
-	s, err := r.mod.openSession(gen, slot, false)
-	if err != nil {
-		return nil, r.unavailable(fmt.Errorf("C_OpenSession: %w", err))
-	}
-	c := &conn{gen: gen, slot: slot, anchor: s}
+	c := &conn{gen: s.gen, slot: slot, anchor: s}
 	fail := func(err error) (*conn, error) {
 		s.close()
 		return nil, err
-	}
-	if err := s.login(r.pin); err != nil {
-		if pinRefused(err) {
-			return fail(fmt.Errorf("pkcs11: %s refused the user PIN from %s; not retrying, so as not to lock the token: %w", r.tokenDesc(), r.uri.PINSource, err))
-		}
-		return fail(r.unavailable(fmt.Errorf("C_Login: %w", err)))
 	}
 	if err := ctx.Err(); err != nil {
 		return fail(err)
@@ -361,6 +376,19 @@ func (r *Root) findKey(s session) (objectHandle, error) {
 // create generates the root key, refusing to shadow any existing object,
 // and checks that the token applied the template.
 func (r *Root) create(s session, slot uint) (objectHandle, error) {
+	h, _, err := r.createKey(s, slot, "new", "generating", generated, func(rw session, id []byte) (objectHandle, error) {
+		return rw.generateRootKey(r.uri.Object, id)
+	})
+	return h, err
+}
+
+// createKey makes the root key with newKey on a read-write session of its
+// own, under the URI's object and its id (or 16 random bytes), refusing to
+// shadow any existing object, and checks that its attributes read back as
+// want; if not, the key is destroyed. It returns the key and its CKA_ID.
+// what ("new", "imported") and verb ("generating", "importing") name the
+// key and the step in errors.
+func (r *Root) createKey(s session, slot uint, what, verb string, want hsm.Attributes, newKey func(rw session, id []byte) (objectHandle, error)) (objectHandle, []byte, error) {
 	// Any object, not only AES keys: two objects under one label make the
 	// URI ambiguous for every tool an operator might use.
 	hs, err := s.findObjects(r.uri.Object, nil, false)
@@ -368,38 +396,38 @@ func (r *Root) create(s session, slot uint) (objectHandle, error) {
 		hs, err = s.findObjects("", r.uri.ID, false)
 	}
 	if err != nil {
-		return 0, r.keyErr("searching for", err)
+		return 0, nil, r.keyErr("searching for", err)
 	}
 	if len(hs) > 0 {
-		return 0, fmt.Errorf("%w: %s", hsm.ErrKeyExists, r.id)
+		return 0, nil, fmt.Errorf("%w: %s", hsm.ErrKeyExists, r.id)
 	}
 	id := r.uri.ID
 	if len(id) == 0 {
 		id = make([]byte, rootIDSize)
 		if _, err := rand.Read(id); err != nil {
-			return 0, err
+			return 0, nil, err
 		}
 	}
 	rw, err := r.mod.openSession(s.gen, slot, true)
 	if err != nil {
-		return 0, r.keyErr("opening a read-write session for", err)
+		return 0, nil, r.keyErr("opening a read-write session for", err)
 	}
 	defer rw.close()
-	key, err := rw.generateRootKey(r.uri.Object, id)
+	key, err := newKey(rw, id)
 	if err != nil {
-		return 0, r.keyErr("generating", err)
+		return 0, nil, r.keyErr(verb, err)
 	}
 	a, err := s.attributes(key)
-	if err == nil && a != generated {
-		err = fmt.Errorf("the token did not apply the template: got %+v, want %+v", a, generated)
+	if err == nil && a != want {
+		err = fmt.Errorf("the token did not apply the template: got %+v, want %+v", a, want)
 	}
 	if err != nil {
 		if derr := rw.destroy(key); derr != nil {
-			return 0, fmt.Errorf("pkcs11: new root key %s is unusable (%v) and could not be destroyed: %w", r.id, err, derr)
+			return 0, nil, fmt.Errorf("pkcs11: %s root key %s is unusable (%v) and could not be destroyed: %w", what, r.id, err, derr)
 		}
-		return 0, fmt.Errorf("pkcs11: new root key %s destroyed: %w", r.id, err)
+		return 0, nil, fmt.Errorf("pkcs11: %s root key %s destroyed: %w", what, r.id, err)
 	}
-	return key, nil
+	return key, id, nil
 }
 
 // generated is what a key made by generateRootKey must read back as.
