@@ -193,13 +193,9 @@ func auditCommands() []*command {
 				c := coffrev1.NewAuditServiceClient(conn)
 				cctx, cancel := context.WithTimeout(ctx, e.g.timeout)
 				defer cancel()
-				cpMsg, err := c.GetCheckpoint(cctx, &coffrev1.GetCheckpointRequest{})
+				cp, err := verifiedCheckpoint(cctx, c, v)
 				if err != nil {
-					return rpcError(err)
-				}
-				cp, err := audit.ParseCheckpoint(cpMsg.GetNote(), v)
-				if err != nil {
-					return fmt.Errorf("the server's checkpoint does not verify: %w", err)
+					return err
 				}
 				if index >= cp.Size {
 					return fmt.Errorf("entry %d is not covered by the latest checkpoint (size %d); try again in a second", index, cp.Size)
@@ -274,13 +270,9 @@ func auditCommands() []*command {
 				c := coffrev1.NewAuditServiceClient(conn)
 				cctx, cancel := context.WithTimeout(ctx, e.g.timeout)
 				defer cancel()
-				cpMsg, err := c.GetCheckpoint(cctx, &coffrev1.GetCheckpointRequest{})
+				next, err := verifiedCheckpoint(cctx, c, v)
 				if err != nil {
-					return rpcError(err)
-				}
-				next, err := audit.ParseCheckpoint(cpMsg.GetNote(), v)
-				if err != nil {
-					return fmt.Errorf("the node's checkpoint does not verify: %w", err)
+					return err
 				}
 				var proof [][]byte
 				if prev != nil {
@@ -528,4 +520,18 @@ func compareLocalAudit(e *env, dir string, keys trustedKeys, rr *kms.AuditReplic
 	fmt.Fprintf(e.stdout, "audit log of %s (%d entries) agrees with the copy node %s replicated (%d entries) on the first %d entries, root %s\n",
 		dir, rep.Entries, rr.Node, rr.Entries, size, b64(want))
 	return nil
+}
+
+// verifiedCheckpoint fetches the node's latest checkpoint and verifies its
+// signature with v.
+func verifiedCheckpoint(ctx context.Context, c coffrev1.AuditServiceClient, v *audit.Verifier) (audit.Checkpoint, error) {
+	m, err := c.GetCheckpoint(ctx, &coffrev1.GetCheckpointRequest{})
+	if err != nil {
+		return audit.Checkpoint{}, rpcError(err)
+	}
+	cp, err := audit.ParseCheckpoint(m.GetNote(), v)
+	if err != nil {
+		return audit.Checkpoint{}, fmt.Errorf("the node's checkpoint does not verify: %w", err)
+	}
+	return cp, nil
 }
