@@ -491,7 +491,14 @@ func TestRevocationEndsSessions(t *testing.T) {
 }
 
 func TestRevocationOnAnotherCoffreNode(t *testing.T) {
-	f := newRelFixture(t, ReleaseConfig{})
+	testRevocationOnAnotherNode(t, nil)
+}
+
+// testRevocationOnAnotherNode: a node revoked through one Coffre node is
+// refused by another on the same store (nil: a fresh bbolt file) within a
+// second.
+func testRevocationOnAnotherNode(t *testing.T, st store.Store) {
+	f := newRelFixtureOn(t, ReleaseConfig{}, st)
 	ctx := ctxT(t)
 	f.enroll(t, "node-1", "storage", nil)
 	id := f.keyring(t, "acme/disks", []string{"storage"}, nil, ReleaseHPKE)
