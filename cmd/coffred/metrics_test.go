@@ -10,20 +10,13 @@ import (
 	"time"
 
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/audit/audittest"
 )
 
 // TestMetrics serves the metrics of a real audit log over HTTP and reads
 // them back as a Prometheus scraper would.
 func TestMetrics(t *testing.T) {
-	signer, err := audit.GenerateSigner("metrics-test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := audit.Open(audit.Options{Dir: t.TempDir(), Node: "n1", Origin: "test/n1", Signer: signer})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := audittest.NewLog(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	for range 3 {

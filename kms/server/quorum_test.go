@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/audit/audittest"
 	"github.com/coffre-kms/coffre/kms/identity"
 	"github.com/coffre-kms/coffre/kms/quorum"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
@@ -155,15 +155,7 @@ func TestQuorumOverGRPC(t *testing.T) {
 // TestQuorumAuditEntries checks what QuorumAudit writes to a real log:
 // the proposal hash as evidence and the approvers by name and key.
 func TestQuorumAuditEntries(t *testing.T) {
-	signer, err := audit.GenerateSigner("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	log, err := audit.Open(audit.Options{Dir: filepath.Join(t.TempDir(), "audit"), Node: "n1", Origin: "test", Signer: signer})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
+	log := audittest.NewLog(t)
 	p := &quorum.Proposal{ID: strings.Repeat("ab", 32), Parsed: quorum.Content{Kind: KindEnrollNode}, Threshold: 2}
 	rec := QuorumAudit(log)
 	ctx := context.Background()
@@ -191,15 +183,7 @@ func TestQuorumAuditEntries(t *testing.T) {
 // response header coffre-request-id and written into the audit entries it
 // makes, so a SIEM can tie an entry to the call and the server's log line.
 func TestRequestIDInAuditAndHeader(t *testing.T) {
-	signer, err := audit.GenerateSigner("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	log, err := audit.Open(audit.Options{Dir: filepath.Join(t.TempDir(), "audit"), Node: "n1", Origin: "test", Signer: signer})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
+	log := audittest.NewLog(t)
 	f := newFixtureWith(t, kms.ReleaseConfig{}, func(o *Options) { o.Audit = log })
 	ctx := callCtx(t)
 	admin := coffrev1.NewAdminServiceClient(f.dial(t, f.admin))
