@@ -633,15 +633,12 @@ func (l *Log) committer() {
 // Replicator) and returns the buffer for reuse and the error to give its
 // callers.
 func (l *Log) commit(batch []*appendReq, buf []byte) ([]byte, error) {
+	if h := l.unhealthy.Load(); h != nil {
+		return buf, *h
+	}
 	l.mu.RLock()
-	failed, base, off, wf := l.failed, l.tree.size(), l.end, l.wf
-	if failed == nil {
-		failed = l.replFailed
-	}
+	base, off, wf := l.tree.size(), l.end, l.wf
 	l.mu.RUnlock()
-	if failed != nil {
-		return buf, failed
-	}
 	leaves := make([][]byte, len(batch))
 	starts := make([]int64, len(batch))
 	var payloads [][]byte
