@@ -123,16 +123,7 @@ func BenchmarkReleaseTwoNodesEtcd(b *testing.B) {
 			f := newRelFixture(b, ReleaseConfig{Auditor: AuditLog{Log: openLog(b, "solo-a", nil)}, MaxSessions: 1 << 10})
 			f.enroll(b, "node-1", "storage", map[string]string{"jurisdiction": "ca-qc"})
 			id := f.keyring(b, "acme/disks", []string{"storage"}, map[string]string{"jurisdiction": "ca-qc"}, ReleaseHPKE)
-			svcB, err := New(Config{Store: f.store, Root: f.root})
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { svcB.Close() })
-			relB, err := NewReleaseService(svcB, ReleaseConfig{Auditor: AuditLog{Log: openLog(b, "solo-b", nil)}, MaxSessions: 1 << 10})
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { relB.Close() })
+			relB := f.secondWith(b, ReleaseConfig{Auditor: AuditLog{Log: openLog(b, "solo-b", nil)}, MaxSessions: 1 << 10})
 			tokA, _ := f.injectSession(b, f.rel, "node-1")
 			tokB, _ := f.injectSession(b, relB, "node-1")
 			pair = load(b, callers, []*ReleaseService{f.rel, relB}, []string{tokA, tokB}, id)
@@ -151,16 +142,7 @@ func BenchmarkReleaseTwoNodesEtcd(b *testing.B) {
 			f := newRelFixtureOn(b, ReleaseConfig{Auditor: AuditLog{Log: openLog(b, "node-a", replica)}, MaxSessions: 1 << 10}, st)
 			f.enroll(b, "node-1", "storage", map[string]string{"jurisdiction": "ca-qc"})
 			id := f.keyring(b, "acme/disks", []string{"storage"}, map[string]string{"jurisdiction": "ca-qc"}, ReleaseHPKE)
-			svcB, err := New(Config{Store: st, Root: f.root})
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { svcB.Close() })
-			relB, err := NewReleaseService(svcB, ReleaseConfig{Auditor: AuditLog{Log: openLog(b, "node-b", replica)}, MaxSessions: 1 << 10})
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { relB.Close() })
+			relB := f.secondWith(b, ReleaseConfig{Auditor: AuditLog{Log: openLog(b, "node-b", replica)}, MaxSessions: 1 << 10})
 			// node B learns the enrollment through the store watch.
 			deadline := time.Now().Add(10 * time.Second)
 			for {

@@ -108,12 +108,18 @@ func newRelFixtureOn(t testing.TB, cfg ReleaseConfig, st store.Store) *relFixtur
 // Coffre node would.
 func (f *relFixture) second(t testing.TB) *ReleaseService {
 	t.Helper()
+	return f.secondWith(t, ReleaseConfig{})
+}
+
+// secondWith is second with the other node's release configuration.
+func (f *relFixture) secondWith(t testing.TB, cfg ReleaseConfig) *ReleaseService {
+	t.Helper()
 	svc, err := New(Config{Store: f.store, Root: f.root, Now: f.clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { svc.Close() })
-	rel, err := NewReleaseService(svc, ReleaseConfig{})
+	rel, err := NewReleaseService(svc, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
