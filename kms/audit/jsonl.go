@@ -62,10 +62,13 @@ func NewJSONLSink(src Source, cfg JSONLConfig) (*JSONLSink, error) {
 	if cfg.Name == "" {
 		cfg.Name = "jsonl"
 	}
-	if cfg.MinBackoff <= 0 {
+	if cfg.MinBackoff < 0 || cfg.MaxBackoff < 0 {
+		return nil, errors.New("audit: jsonl: negative backoff")
+	}
+	if cfg.MinBackoff == 0 {
 		cfg.MinBackoff = 100 * time.Millisecond
 	}
-	if cfg.MaxBackoff <= 0 {
+	if cfg.MaxBackoff == 0 {
 		cfg.MaxBackoff = 30 * time.Second
 	}
 	if cfg.MaxBackoff < cfg.MinBackoff {

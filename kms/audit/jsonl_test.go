@@ -129,4 +129,14 @@ func TestJSONLConfigErrors(t *testing.T) {
 	if _, err := NewJSONLSink(nil, JSONLConfig{Path: filepath.Join(t.TempDir(), "x")}); err == nil {
 		t.Error("nil source accepted")
 	}
+	for _, cfg := range []JSONLConfig{
+		{MinBackoff: -time.Second},
+		{MaxBackoff: -time.Second},
+		{MinBackoff: time.Minute, MaxBackoff: time.Second},
+	} {
+		cfg.Path = filepath.Join(t.TempDir(), "x")
+		if _, err := NewJSONLSink(sourceFunc{}, cfg); err == nil {
+			t.Errorf("backoff %v..%v accepted", cfg.MinBackoff, cfg.MaxBackoff)
+		}
+	}
 }
