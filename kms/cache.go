@@ -136,17 +136,24 @@ func (c *kekCache) removeLocked(el *list.Element) {
 }
 
 // purge drops (and zeroizes) every cached version of keyring uid.
-func (c *kekCache) purge(uid string) {
+func (c *kekCache) purge(uid string) { c.retain(func(u string) bool { return u != uid }) }
+
+// retain drops (and zeroizes) every cached KEK whose keyring uid keep
+// refuses.
+func (c *kekCache) retain(keep func(uid string) bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for el := c.order.Front(); el != nil; {
 		next := el.Next()
-		if el.Value.(*cacheEntry).ref.uid == uid {
+		if !keep(el.Value.(*cacheEntry).ref.uid) {
 			c.removeLocked(el)
 		}
 		el = next
 	}
 }
+
+// purgeAll drops (and zeroizes) every cached KEK; the cache stays open.
+func (c *kekCache) purgeAll() { c.retain(func(string) bool { return false }) }
 
 // len reports the number of cached KEKs.
 func (c *kekCache) len() int {

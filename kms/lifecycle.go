@@ -87,6 +87,7 @@ func (s *Service) update(ctx context.Context, id KeyringID, what string, change 
 		if _, err := decodeRecord(key, value); err != nil {
 			return nil, fmt.Errorf("kms: %s of keyring %s would store an invalid record: %w", what, id, err)
 		}
+		gen := s.cacheGen()
 		newRev, err := s.store.CompareAndSwap(ctx, key, rev, value)
 		if errors.Is(err, store.ErrConflict) {
 			continue
@@ -94,7 +95,7 @@ func (s *Service) update(ctx context.Context, id KeyringID, what string, change 
 		if err != nil {
 			return nil, storeErr(err)
 		}
-		s.remember(key, next, newRev)
+		s.remember(key, next, newRev, gen)
 		return next, nil
 	}
 	return nil, fmt.Errorf("%w: keyring %s changed %d times during %s; try again", ErrUnavailable, id, maxCASAttempts, what)
@@ -543,10 +544,11 @@ type DestroyEvent struct {
 func (s *Service) DestroyDue(ctx context.Context, before func(DestroyEvent) error) ([]DestroyEvent, error) {
 	now := s.now()
 	var done []DestroyEvent
+	gen := s.cacheGen()
 	err := s.sweep(ctx, func(kv store.KV, rec *keyringRecord) error {
 		// The sweep keeps this node fresh even if its watch lags: the
 		// record as listed replaces an older cached one.
-		s.remember(kv.Key, rec, kv.Revision)
+		s.remember(kv.Key, rec, kv.Revision, gen)
 		s.purgeRetired(rec)
 		if !destroyDue(rec, now) {
 			return nil

@@ -179,6 +179,7 @@ func (s *Service) rotateKeyringRoot(ctx context.Context, id KeyringID, res *Root
 			}
 		}
 		if rewrapped > 0 {
+			gen := s.cacheGen()
 			newRev, err := s.store.CompareAndSwap(ctx, key, rev, next.encode())
 			if errors.Is(err, store.ErrConflict) {
 				continue
@@ -186,7 +187,7 @@ func (s *Service) rotateKeyringRoot(ctx context.Context, id KeyringID, res *Root
 			if err != nil {
 				return storeErr(err)
 			}
-			s.remember(key, &next, newRev)
+			s.remember(key, &next, newRev, gen)
 			res.KeyringsUpdated++
 		}
 		res.Rewrapped += rewrapped

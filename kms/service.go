@@ -46,6 +46,13 @@ type Service struct {
 	mu   sync.RWMutex
 	meta map[string]cachedRecord
 	ttl  time.Duration
+	// gen changes with every keyring event the watch delivers and whenever
+	// the watch starts or stops; live says a watch is running. A record
+	// read from the store is cached only if gen did not change while it
+	// was read, and only while live: otherwise a read that began before a
+	// change elsewhere could put the record from before it back.
+	gen  uint64
+	live bool
 
 	stopWatch context.CancelFunc
 	watchDone chan struct{}
@@ -117,17 +124,24 @@ func (s *Service) Close() error {
 
 // watch follows changes to keyrings made elsewhere (another Coffre node on
 // a shared store, or an operator tool) and drops what they make stale.
+// While no watch runs, nothing is cached and every use reads the store.
 func (s *Service) watch(ctx context.Context) {
 	defer close(s.watchDone)
+	lost := false
 	for ctx.Err() == nil {
 		events, err := s.store.Watch(ctx, keyringPrefix)
 		if err == nil {
 			// Anything cached before the watch started may have missed an
 			// event: start clean.
-			s.dropAllMeta()
+			s.setLive(true)
+			if lost {
+				s.purgeAfterGap(ctx)
+			}
 			for ev := range events {
 				s.observe(ev)
 			}
+			s.setLive(false)
+			lost = true
 		}
 		select {
 		case <-ctx.Done():
@@ -136,8 +150,41 @@ func (s *Service) watch(ctx context.Context) {
 	}
 }
 
+// setLive empties the record cache and says whether a watch keeps it
+// fresh from now on.
+func (s *Service) setLive(live bool) {
+	s.mu.Lock()
+	s.meta = make(map[string]cachedRecord)
+	s.gen++
+	s.live = live
+	s.mu.Unlock()
+}
+
+// purgeAfterGap drops the cached KEKs that changes missed while the watch
+// was down made unusable: retired versions, and keyrings gone from the
+// store. They could not be used meanwhile (records were read from the
+// store on every use), but they must not stay in memory.
+func (s *Service) purgeAfterGap(ctx context.Context) {
+	kvs, err := s.store.List(ctx, keyringPrefix)
+	if err != nil {
+		s.keks.purgeAll() // the HSM unwraps them again on next use
+		return
+	}
+	uids := make(map[string]bool, len(kvs))
+	for _, kv := range kvs {
+		rec, err := decodeRecord(kv.Key, kv.Value)
+		if err != nil {
+			continue
+		}
+		uids[string(rec.UID)] = true
+		s.purgeRetired(rec)
+	}
+	s.keks.retain(func(uid string) bool { return uids[uid] })
+}
+
 func (s *Service) observe(ev store.Event) {
 	s.mu.Lock()
+	s.gen++
 	c, ok := s.meta[ev.KV.Key]
 	if ok && c.rev < ev.KV.Revision {
 		delete(s.meta, ev.KV.Key)
@@ -156,17 +203,29 @@ func (s *Service) observe(ev store.Event) {
 	}
 }
 
-func (s *Service) dropAllMeta() {
-	s.mu.Lock()
-	s.meta = make(map[string]cachedRecord)
-	s.mu.Unlock()
+// cacheGen returns the generation to pass to remember: take it before the
+// store call whose result is to be cached.
+func (s *Service) cacheGen() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.gen
 }
 
-// remember caches rec at rev unless a newer revision is cached already.
-func (s *Service) remember(key string, rec *keyringRecord, rev int64) {
+// remember caches rec at rev, read or written in the store after
+// cacheGen returned gen, unless a newer revision is cached already or the
+// cache changed since (see Service.gen); in that case an older cached
+// revision is dropped, so that this node reads its own writes.
+func (s *Service) remember(key string, rec *keyringRecord, rev int64, gen uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if c, ok := s.meta[key]; ok && c.rev > rev {
+	c, ok := s.meta[key]
+	if ok && c.rev > rev {
+		return
+	}
+	if !s.live || s.gen != gen {
+		if ok && c.rev < rev {
+			delete(s.meta, key) // older than what this node just read or wrote
+		}
 		return
 	}
 	s.meta[key] = cachedRecord{rec: rec, rev: rev, expires: s.now().Add(s.ttl)}
@@ -188,6 +247,7 @@ func (s *Service) load(ctx context.Context, id KeyringID) (*keyringRecord, int64
 // read reads the keyring record from the store, bypassing the cache.
 func (s *Service) read(ctx context.Context, id KeyringID) (*keyringRecord, int64, error) {
 	key := keyringKey(id)
+	gen := s.cacheGen()
 	kv, err := s.store.Get(ctx, key)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, 0, fmt.Errorf("%w: keyring %s", ErrNotFound, id)
@@ -199,7 +259,7 @@ func (s *Service) read(ctx context.Context, id KeyringID) (*keyringRecord, int64
 	if err != nil {
 		return nil, 0, err
 	}
-	s.remember(key, rec, kv.Revision)
+	s.remember(key, rec, kv.Revision, gen)
 	return rec, kv.Revision, nil
 }
 
@@ -260,6 +320,7 @@ func (s *Service) CreateKeyring(ctx context.Context, id KeyringID) (*Keyring, er
 	}
 	rec.Versions = []versionRecord{v}
 	key := keyringKey(id)
+	gen := s.cacheGen()
 	rev, err := s.store.CompareAndSwap(ctx, key, 0, rec.encode())
 	if errors.Is(err, store.ErrConflict) {
 		return nil, fmt.Errorf("%w: keyring %s", ErrExists, id)
@@ -267,7 +328,7 @@ func (s *Service) CreateKeyring(ctx context.Context, id KeyringID) (*Keyring, er
 	if err != nil {
 		return nil, storeErr(err)
 	}
-	s.remember(key, rec, rev)
+	s.remember(key, rec, rev, gen)
 	return rec.public(), nil
 }
 
