@@ -215,7 +215,9 @@ func TestAttestedReleaseTPM(t *testing.T) {
 		}
 	}
 
-	// A failed attestation ends the node's sessions at once.
+	// Evidence without the activated secret proves nothing about who sent
+	// it (an EK public key is no secret): refused, and the node's sessions
+	// stand.
 	ch, err = f.rel.Challenge(ctx, nil, node.a.EKPublic(), node.a.AKPublic())
 	if err != nil {
 		t.Fatal(err)
@@ -226,6 +228,24 @@ func TestAttestedReleaseTPM(t *testing.T) {
 	ev.ActivatedSecret[0] ^= 1
 	_, err = f.rel.Complete(ctx, ch.ID, ev)
 	wantErr(t, err, attest.ErrSecret, "attestation refused: credential")
+	for _, tok := range []string{sess.Token, second.Token} {
+		if _, err := f.rel.GenerateDataKey(ctx, tok, hpkeRing, nil); err != nil {
+			t.Fatalf("a session ended on evidence that did not activate the credential: %v", err)
+		}
+	}
+
+	// A failed attestation by whoever holds the TPM ends the node's
+	// sessions at once.
+	ch, err = f.rel.Challenge(ctx, nil, node.a.EKPublic(), node.a.AKPublic())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev, err = node.evidence(ctx, ch); err != nil {
+		t.Fatal(err)
+	}
+	ev.Signature[len(ev.Signature)-1] ^= 1
+	_, err = f.rel.Complete(ctx, ch.ID, ev)
+	wantErr(t, err, attest.ErrSignature, "attestation refused")
 	for _, tok := range []string{sess.Token, second.Token} {
 		_, err := f.rel.GenerateDataKey(ctx, tok, hpkeRing, nil)
 		wantErr(t, err, ErrPermissionDenied, "an attestation of node sim-1 failed")

@@ -183,6 +183,16 @@ func (r *ReleaseService) Challenge(ctx context.Context, ekCert, ekPublic, akPubl
 	return &out, nil
 }
 
+// heldTheTPM reports whether a refused attestation came from whoever
+// holds the node's TPM: attest.Verify checks the activated secret, which
+// only the TPM holding the EK can produce, after the challenge's expiry and
+// the EK's validity, and before everything else. Anyone who knows an
+// enrolled EK's public key can ask for a challenge and send garbage; such a
+// refusal must not end the real node's sessions.
+func heldTheTPM(err error) bool {
+	return !errors.Is(err, attest.ErrNonce) && !errors.Is(err, attest.ErrEK) && !errors.Is(err, attest.ErrSecret)
+}
+
 // errNotSynced refuses to decide on release state that may be stale.
 var errNotSynced = fmt.Errorf("%w: release state is not in sync with the store", ErrUnavailable)
 
@@ -250,7 +260,8 @@ func (r *ReleaseService) takeChallenge(id string, now time.Time) *pendingChallen
 // Complete verifies the evidence for challenge id against the class of the
 // challenged node and issues a session. The challenge is consumed whatever
 // the outcome: a replay is refused with attest.ErrNonce. A failed
-// attestation by an enrolled node ends that node's sessions at once.
+// attestation by whoever holds the node's TPM (past the activated-secret
+// check) ends that node's sessions at once.
 func (r *ReleaseService) Complete(ctx context.Context, id string, ev *attest.Evidence) (*Session, error) {
 	au := &AuditEvent{Op: AuditComplete}
 	if ev == nil {
@@ -287,7 +298,9 @@ func (r *ReleaseService) Complete(ctx context.Context, id string, ev *attest.Evi
 	var refusal *attest.Error
 	switch {
 	case errors.As(err, &refusal):
-		r.endNodeSessions(node.Name, fmt.Sprintf("an attestation of node %s failed", node.Name))
+		if heldTheTPM(err) {
+			r.endNodeSessions(node.Name, fmt.Sprintf("an attestation of node %s failed", node.Name))
+		}
 		return nil, r.deny(ctx, au, fmt.Errorf("%w: %w", ErrPermissionDenied, err))
 	case err != nil:
 		// Not a refusal of the evidence: a bug on this side. The node's
