@@ -328,6 +328,98 @@ func TestUnwritableLogRecovers(t *testing.T) {
 	}
 }
 
+// holdHandler is a slog.Handler that blocks the goroutine logging msg, the
+// first time it does, until release is called. It holds a probe between
+// its recovery and its return, the window a new failure can fall into.
+type holdHandler struct {
+	msg        string
+	reached    chan struct{} // closed when msg is first logged
+	gate       chan struct{}
+	first, rel sync.Once
+}
+
+func newHoldHandler(msg string) *holdHandler {
+	return &holdHandler{msg: msg, reached: make(chan struct{}), gate: make(chan struct{})}
+}
+
+func (h *holdHandler) release() { h.rel.Do(func() { close(h.gate) }) }
+
+// wait returns once msg was logged, failing the test after 5s.
+func (h *holdHandler) wait(t *testing.T) {
+	t.Helper()
+	select {
+	case <-h.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%q never logged", h.msg)
+	}
+}
+
+func (h *holdHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Message == h.msg {
+		first := false
+		h.first.Do(func() { first = true; close(h.reached) })
+		if first {
+			<-h.gate
+		}
+	}
+	return nil
+}
+
+func (h *holdHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *holdHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *holdHandler) WithGroup(string) slog.Handler            { return h }
+
+// waitHealthy waits up to 5s for the log to accept appends again.
+func waitHealthy(t *testing.T, l *Log, what string) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); l.Healthy() != nil; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: the log never recovers: %v", what, l.Healthy())
+		}
+	}
+}
+
+// TestFailureDuringRecovery: the disk fails again after the probe has
+// made the log writable but before the probe has returned. That failure
+// must start a new probe, or the log refuses appends for good.
+func TestFailureDuringRecovery(t *testing.T) {
+	old := probeInterval
+	probeInterval = 20 * time.Millisecond
+	defer func() { probeInterval = old }()
+	dir := t.TempDir()
+	opts := testOptions(t, dir)
+	h := newHoldHandler("audit log writable again; appends resume")
+	opts.Logger = slog.New(h)
+	l := openTestLog(t, opts)
+	t.Cleanup(h.release) // runs before Close, which waits for the held probe
+	ctx := context.Background()
+	appendN(t, l, 3)
+
+	restore := failWritesForTest(t, l)
+	if _, err := l.Append(ctx, testEntry(100)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append on an unwritable log: %v", err)
+	}
+	restore()
+	h.wait(t) // the probe has recovered and is held before returning
+	if err := l.Healthy(); err != nil {
+		t.Fatalf("Healthy after recovery: %v", err)
+	}
+	restore = failWritesForTest(t, l)
+	if _, err := l.Append(ctx, testEntry(101)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append on an unwritable log, again: %v", err)
+	}
+	restore()
+	h.release()
+	waitHealthy(t, l, "second failure during the first recovery")
+	appendN(t, l, 2)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := VerifyDir(dir, testSigner(t).Verifier()); err != nil || rep.Entries != 5 {
+		t.Fatalf("VerifyDir: %+v %v", rep, err)
+	}
+}
+
 // TestPartialBatchTruncated: a batch written but not synced (the fsync
 // failed) must not survive recovery, and the indexes are reused.
 func TestPartialBatchTruncated(t *testing.T) {

@@ -39,7 +39,9 @@ type JSONLStatus struct {
 // that length (a batch whose commit did not happen) is cut off and written
 // again, so the file holds every entry exactly once, in index order. If the
 // file is shorter than the recorded length (rotated or truncated by an
-// operator), the sink appends to it as it is.
+// operator), the sink first commits the cursor with the file's actual
+// length, then appends to it as it is: a batch written after that and not
+// committed is cut at the next start like any other.
 type JSONLSink struct {
 	src   Source
 	cfg   JSONLConfig
@@ -109,14 +111,22 @@ func (s *JSONLSink) session(ctx context.Context) error {
 		return fmt.Errorf("audit: jsonl: %w", err)
 	}
 	off := fi.Size()
-	if committed := s.spool.Offset(); off > committed {
+	next := s.spool.Next()
+	switch committed := s.spool.Offset(); {
+	case off > committed:
 		// A batch written after the last commit: cut it, it is rewritten.
 		if err := f.Truncate(committed); err != nil {
 			return fmt.Errorf("audit: jsonl: %w", err)
 		}
 		off = committed
+	case off < committed:
+		// Rotated or truncated: record where this file ends before writing
+		// to it, or a batch written and not committed would lie below the
+		// old length, out of reach of the cut above, and be written twice.
+		if err := s.spool.Commit(next, off); err != nil {
+			return fmt.Errorf("audit: jsonl: %w", err)
+		}
 	}
-	next := s.spool.Next()
 	var buf []byte
 	for {
 		if next >= s.src.Size() {

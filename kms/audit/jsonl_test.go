@@ -96,6 +96,67 @@ func TestJSONLSink(t *testing.T) {
 	}
 }
 
+// TestJSONLSinkRotatedThenCommitFails: after the output file is rotated,
+// a batch written whose commit then fails (the sink crashing at that point
+// leaves the same state) is cut and written again at the next session, not
+// written a second time after itself.
+func TestJSONLSinkRotatedThenCommitFails(t *testing.T) {
+	l := sinkLog(t)
+	dir := t.TempDir()
+	out := filepath.Join(dir, "audit.jsonl")
+	cfg := JSONLConfig{Path: out, SpoolDir: filepath.Join(dir, "spool"), MinBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}
+	appendEntries(t, l, 20)
+	s, err := NewJSONLSink(l, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := runSink(t, s.Run)
+	sinkWait(t, 10*time.Second, "20 lines", func() bool { return s.Status().Cursor == 20 })
+	if err := stop(); !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+
+	// The operator rotates the file, and the spool cannot be written: a
+	// directory stands where the rename puts the new cursor.
+	if err := os.Rename(out, out+".1"); err != nil {
+		t.Fatal(err)
+	}
+	spool := s.spool.Path()
+	if err := os.Remove(spool); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(spool, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	appendEntries(t, l, 10)
+	stop = runSink(t, s.Run)
+	sinkWait(t, 10*time.Second, "a failed commit", func() bool { return s.Status().LastError != nil })
+	if err := os.Remove(spool); err != nil {
+		t.Fatal(err)
+	}
+	sinkWait(t, 10*time.Second, "30 entries", func() bool { return s.Status().Cursor == 30 })
+	if err := stop(); !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+
+	recs, err := l.Read(context.Background(), 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readLines(t, out+".1"); len(got) != 20 {
+		t.Fatalf("rotated file: %d lines, want 20", len(got))
+	}
+	lines := readLines(t, out)
+	if len(lines) != 10 {
+		t.Fatalf("new file: %d lines, want the 10 entries after the rotation once each", len(lines))
+	}
+	for i, line := range lines {
+		if line != string(recs[20+i].Raw) {
+			t.Fatalf("new file line %d = %s, want %s", i, line, recs[20+i].Raw)
+		}
+	}
+}
+
 func TestJSONLSinkOCSF(t *testing.T) {
 	l := sinkLog(t)
 	out := filepath.Join(t.TempDir(), "ocsf.jsonl")

@@ -228,6 +228,9 @@ type Log struct {
 	extendSig chan struct{}
 	grown     chan struct{}
 	failed    error // non-nil: ErrUnavailable wrapping the cause
+	// probing: a probe runs. It is set and cleared together with failed,
+	// under mu, so that a failure is never left without a probe.
+	probing bool
 	// unhealthy mirrors failed, or else replFailed, for reading without
 	// mu (noteHealthLocked); nil when both are nil.
 	unhealthy atomic.Pointer[error]
@@ -244,22 +247,23 @@ type Log struct {
 	cpMu      sync.Mutex
 	cpEnd     int64
 	coMu      sync.Mutex
+	coEnd     int64               // end of the last whole cosignatures record (coMu)
 	cosigs    map[uint64][][]byte // cosignature lines by checkpoint size (coMu)
 	cpTrigger chan struct{}
 
 	batches, fsyncs atomic.Uint64
 	flush           flushHist
-	probing         atomic.Bool
 
 	// Replication (Options.Replicator). rmu guards pending and replicated
-	// and is held across Replicate calls; replFailed is guarded by mu.
+	// and is held across Replicate calls; replFailed and replProbing are
+	// guarded by mu.
 	rmu         sync.Mutex
 	pending     [][]byte // canonical bytes of entries replicated..size-1
 	replicated  uint64   // entries below this index are replicated
 	needCatchUp bool     // a ReplicatedSizer's answer is still awaited (rmu)
 	replFailed  error    // non-nil: ErrUnavailable wrapping the replication error
-	replProbing atomic.Bool
-	cpRemote    uint64 // size of the latest checkpoint published remotely (cpMu)
+	replProbing bool     // a replication probe runs (mu, like replFailed)
+	cpRemote    uint64   // size of the latest checkpoint published remotely (cpMu)
 	cpRemoteSet bool
 
 	stopCommit chan struct{}
@@ -351,7 +355,7 @@ func Open(opts Options) (*Log, error) {
 	if l.cpf, err = os.OpenFile(cpPath, os.O_RDWR|os.O_CREATE, 0o600); err != nil { // #nosec G304 -- path from configuration
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	if l.cof, err = os.OpenFile(filepath.Join(opts.Dir, cosignaturesFile), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600); err != nil {
+	if l.cof, err = os.OpenFile(filepath.Join(opts.Dir, cosignaturesFile), os.O_RDWR|os.O_CREATE, 0o600); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
 	if err := syncLogDir(opts.Dir); err != nil { // the files just created, if any
@@ -376,7 +380,7 @@ func Open(opts Options) (*Log, error) {
 	if l.cpEnd, err = l.repairRecords(l.cpf, checkpointsFile); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	if _, err = l.repairRecords(l.cof, cosignaturesFile); err != nil {
+	if l.coEnd, err = l.repairRecords(l.cof, cosignaturesFile); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
 	if err := l.loadCosignatures(); err != nil {
@@ -806,16 +810,23 @@ func (l *Log) extender() {
 	}
 }
 
-// fail puts the log in the failed state and starts the probe.
+// fail puts the log in the failed state and starts the probe unless one
+// runs. The probe clears probing in the same locked section that clears
+// failed: a failure that follows the recovery, even before the probe has
+// returned, finds probing false and starts a new probe.
 func (l *Log) fail(cause error) error {
 	err := fmt.Errorf("%w: %w", ErrUnavailable, cause)
 	l.mu.Lock()
 	l.failed = err
 	l.noteHealthLocked()
+	start := !l.probing
+	l.probing = true
+	if start {
+		l.wg.Add(1)
+	}
 	l.mu.Unlock()
 	l.log.Error("audit log unwritable: refusing appends until it recovers", "err", cause)
-	if l.probing.CompareAndSwap(false, true) {
-		l.wg.Add(1)
+	if start {
 		go l.probe()
 	}
 	return err
@@ -829,7 +840,6 @@ var probeInterval = 500 * time.Millisecond
 // then resumes.
 func (l *Log) probe() {
 	defer l.wg.Done()
-	defer l.probing.Store(false)
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
 	for {
@@ -863,6 +873,7 @@ func (l *Log) probe() {
 		l.wf = f
 		l.alloc = end
 		l.failed = nil
+		l.probing = false // from here a new failure needs a new probe
 		l.noteHealthLocked()
 		l.mu.Unlock()
 		l.extMu.Unlock()
@@ -1152,12 +1163,20 @@ func (l *Log) AddCosignature(note []byte) error {
 		return fmt.Errorf("%w: more than %d cosignature lines for size %d", ErrCheckpoint, maxCosignatures, cp.Size)
 	}
 	rec := appendRecord(nil, append(strconv.AppendUint(nil, cp.Size, 10), append([]byte{'\n'}, lines...)...))
-	if _, err := l.cof.Write(rec); err != nil {
+	// Written at the end of the last whole record, which moves only once
+	// the record is synced: what a short write (a full disk) leaves is cut,
+	// or else overwritten by the next record, never left in front of it.
+	_, err = l.cof.WriteAt(rec, l.coEnd)
+	if err == nil {
+		err = l.cof.Sync()
+	}
+	if err != nil {
+		if terr := l.cof.Truncate(l.coEnd); terr != nil {
+			err = errors.Join(err, terr)
+		}
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	if err := l.cof.Sync(); err != nil {
-		return fmt.Errorf("%w: %w", ErrUnavailable, err)
-	}
+	l.coEnd += int64(len(rec))
 	l.cosigs[cp.Size] = append(have, added...)
 	return nil
 }

@@ -38,6 +38,9 @@ type ReplicatedSizer interface {
 // its local log: the local log lost acknowledged entries (restored from an
 // old copy, say). Appending would fork the node's history, so the log
 // refuses appends until an operator decides (see docs/deployment.md).
+// Meanwhile Append and Healthy return an error that wraps both
+// [ErrUnavailable], like every refusal to append, and ErrReplicaAhead
+// (itself wrapping [ErrTampered]).
 var ErrReplicaAhead = fmt.Errorf("%w: the replica holds more of this node's entries than its local log", ErrTampered)
 
 // catchUp learns how much of the local log the replica holds and makes the
@@ -54,11 +57,11 @@ func (l *Log) catchUp() error {
 	size := l.Size()
 	switch {
 	case n > size:
-		return fmt.Errorf("%w (%d entries there, %d here)", ErrReplicaAhead, n, size)
+		return fmt.Errorf("%w: %w (%d entries there, %d here)", ErrUnavailable, ErrReplicaAhead, n, size)
 	case n < size:
 		recs, err := l.Read(context.Background(), n, int(size-n)) // #nosec G115 -- bounded by the log's size
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: replication: catching up: %w", ErrUnavailable, err)
 		}
 		l.pending = make([][]byte, 0, len(recs))
 		for _, r := range recs {
@@ -105,15 +108,21 @@ func (l *Log) replicatePending() error {
 }
 
 // failReplication puts the log in the replication-failed state and starts
-// the replication probe.
+// the replication probe unless one runs. As with fail and probe, the flag
+// is set and cleared together with replFailed, under l.mu, so that a
+// failure right after a recovery starts a new probe.
 func (l *Log) failReplication(err error) {
 	l.mu.Lock()
 	l.replFailed = err
 	l.noteHealthLocked()
+	start := !l.replProbing
+	l.replProbing = true
+	if start {
+		l.wg.Add(1)
+	}
 	l.mu.Unlock()
 	l.log.Error("audit log: replication failed: refusing appends until it recovers", "err", err)
-	if l.replProbing.CompareAndSwap(false, true) {
-		l.wg.Add(1)
+	if start {
 		go l.replProbe()
 	}
 }
@@ -122,7 +131,6 @@ func (l *Log) failReplication(err error) {
 // once they are all stored the log accepts appends again.
 func (l *Log) replProbe() {
 	defer l.wg.Done()
-	defer l.replProbing.Store(false)
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
 	for {
@@ -142,6 +150,7 @@ func (l *Log) replProbe() {
 		if err == nil {
 			l.mu.Lock()
 			l.replFailed = nil
+			l.replProbing = false // from here a new failure needs a new probe
 			l.noteHealthLocked()
 			l.mu.Unlock()
 		}

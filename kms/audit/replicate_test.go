@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"testing"
 	"time"
@@ -243,5 +244,62 @@ func TestReplicateNilReplicatorUnchanged(t *testing.T) {
 	l := openTestLog(t, testOptions(t, t.TempDir()))
 	if _, err := l.Append(context.Background(), testEntry(1)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestReplicationFailureDuringRecovery: replication fails again after the
+// probe has cleared the failure but before it has returned. That failure
+// must start a new probe, or the log refuses appends for good.
+func TestReplicationFailureDuringRecovery(t *testing.T) {
+	old := probeInterval
+	probeInterval = 20 * time.Millisecond
+	defer func() { probeInterval = old }()
+	rep := newMemReplica()
+	opts := testOptions(t, t.TempDir())
+	opts.Replicator = rep
+	h := newHoldHandler("audit log: replication works again; appends resume")
+	opts.Logger = slog.New(h)
+	l := openTestLog(t, opts)
+	t.Cleanup(h.release) // runs before Close, which waits for the held probe
+	ctx := context.Background()
+	appendN(t, l, 3)
+
+	rep.setFail(true)
+	if _, err := l.Append(ctx, testEntry(100)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append with the replica down: %v", err)
+	}
+	rep.setFail(false)
+	h.wait(t) // the probe has replicated entry 3 and is held before returning
+	rep.setFail(true)
+	if _, err := l.Append(ctx, testEntry(101)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append with the replica down, again: %v", err)
+	}
+	rep.setFail(false)
+	h.release()
+	waitHealthy(t, l, "second replication failure during the first recovery")
+	appendN(t, l, 2)
+	rep.check(t, l, 7)
+}
+
+// aheadReplica claims more of the node's entries than its local log has.
+type aheadReplica struct{ *memReplica }
+
+func (aheadReplica) ReplicatedSize(context.Context, string) (uint64, error) { return 99, nil }
+
+// TestReplicaAheadIsUnavailable: with the replica ahead the log refuses
+// appends, and Append and Healthy say so as they document, with an error
+// wrapping ErrUnavailable, which also tells why (ErrReplicaAhead).
+func TestReplicaAheadIsUnavailable(t *testing.T) {
+	opts := testOptions(t, t.TempDir())
+	opts.Replicator = aheadReplica{newMemReplica()}
+	l := openTestLog(t, opts)
+	_, err := l.Append(context.Background(), testEntry(1))
+	for what, err := range map[string]error{"Append": err, "Healthy": l.Healthy()} {
+		if !errors.Is(err, ErrUnavailable) || !errors.Is(err, ErrReplicaAhead) || !errors.Is(err, ErrTampered) {
+			t.Errorf("%s with the replica ahead: %v, want ErrUnavailable and ErrReplicaAhead", what, err)
+		}
+	}
+	if n := l.Size(); n != 0 {
+		t.Errorf("%d entries written with the replica ahead", n)
 	}
 }
