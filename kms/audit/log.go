@@ -254,11 +254,12 @@ type Log struct {
 	batches, fsyncs atomic.Uint64
 	flush           flushHist
 
-	// Replication (Options.Replicator). rmu guards pending and replicated
+	// Replication (Options.Replicator). rmu guards pending, unread and replicated
 	// and is held across Replicate calls; replFailed and replProbing are
 	// guarded by mu.
 	rmu         sync.Mutex
-	pending     [][]byte // canonical bytes of entries replicated..size-1
+	pending     [][]byte // canonical bytes of the entries from replicated+unread on
+	unread      uint64   // the catch-up's backlog: entries from replicated on, read from the file as they are replicated
 	replicated  uint64   // entries below this index are replicated
 	needCatchUp bool     // a ReplicatedSizer's answer is still awaited (rmu)
 	replFailed  error    // non-nil: ErrUnavailable wrapping the replication error

@@ -44,8 +44,11 @@ type ReplicatedSizer interface {
 var ErrReplicaAhead = fmt.Errorf("%w: the replica holds more of this node's entries than its local log", ErrTampered)
 
 // catchUp learns how much of the local log the replica holds and makes the
-// rest pending. The caller holds l.rmu; l.needCatchUp says it is still to
-// do.
+// rest the backlog (l.unread), read from the entries file in chunks as it
+// is replicated: a node switched to a shared store with a long log must
+// not hold all of it in memory. The caller holds l.rmu; l.needCatchUp says
+// it is still to do. No entry is pending then: appends are refused until
+// the catch-up is done.
 func (l *Log) catchUp() error {
 	rs := l.opts.Replicator.(ReplicatedSizer)
 	ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
@@ -59,18 +62,10 @@ func (l *Log) catchUp() error {
 	case n > size:
 		return fmt.Errorf("%w: %w (%d entries there, %d here)", ErrUnavailable, ErrReplicaAhead, n, size)
 	case n < size:
-		recs, err := l.Read(context.Background(), n, int(size-n)) // #nosec G115 -- bounded by the log's size
-		if err != nil {
-			return fmt.Errorf("%w: replication: catching up: %w", ErrUnavailable, err)
-		}
-		l.pending = make([][]byte, 0, len(recs))
-		for _, r := range recs {
-			l.pending = append(l.pending, r.Raw)
-		}
 		l.log.Warn("audit log: entries written but not replicated before the last stop: replicating them first",
 			"from", n, "to", size-1)
 	}
-	l.replicated = n
+	l.replicated, l.unread, l.pending = n, size-n, nil
 	l.needCatchUp = false
 	return nil
 }
@@ -83,28 +78,65 @@ var replicationTimeout = 5 * time.Second
 // one store value.
 const maxReplicateBytes = 512 << 10
 
-// replicatePending replicates every pending entry, in chunks, and drops
-// each chunk from l.pending once stored. It returns the first error (the
-// entries not yet stored stay pending). The caller holds l.rmu.
+// catchUpChunk is how many backlog entries are read from the entries file
+// at a time; tests lower it.
+var catchUpChunk uint64 = 1024
+
+// replicatePending replicates the backlog (read from the entries file a
+// chunk at a time) and then every pending entry, in calls of at most
+// maxReplicateBytes, and drops what is stored. It returns the first error
+// (what is not yet stored stays to do). The caller holds l.rmu.
 func (l *Log) replicatePending() error {
-	for len(l.pending) > 0 {
-		n, size := 0, 0
-		for n < len(l.pending) && (n == 0 || size+len(l.pending[n]) <= maxReplicateBytes) {
-			size += len(l.pending[n])
-			n++
+	for l.unread > 0 {
+		recs, err := l.Read(context.Background(), l.replicated, int(min(l.unread, catchUpChunk))) // #nosec G115 -- at most catchUpChunk
+		if err == nil && len(recs) == 0 {
+			err = fmt.Errorf("entry %d is not in the local log", l.replicated)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
-		err := l.opts.Replicator.Replicate(ctx, l.opts.Node, l.replicated, l.pending[:n])
-		cancel()
 		if err != nil {
-			return fmt.Errorf("%w: replication: entries %d..%d: %w", ErrUnavailable, l.replicated, l.replicated+uint64(n)-1, err)
+			return fmt.Errorf("%w: replication: catching up: %w", ErrUnavailable, err)
 		}
-		clear(l.pending[:n])
-		l.pending = l.pending[n:]
-		l.replicated += uint64(n)
+		chunk := make([][]byte, len(recs))
+		for i, r := range recs {
+			chunk[i] = r.Raw
+		}
+		done, err := l.replicateEntries(chunk)
+		l.unread -= uint64(done)
+		if err != nil {
+			return err
+		}
+	}
+	done, err := l.replicateEntries(l.pending)
+	clear(l.pending[:done])
+	l.pending = l.pending[done:]
+	if err != nil {
+		return err
 	}
 	l.pending = nil
 	return nil
+}
+
+// replicateEntries replicates entries, which start at index l.replicated,
+// in calls of at most maxReplicateBytes, advancing l.replicated past each
+// stored call. It returns how many entries were stored and the first
+// error.
+func (l *Log) replicateEntries(entries [][]byte) (int, error) {
+	done := 0
+	for done < len(entries) {
+		n, size := 0, 0
+		for done+n < len(entries) && (n == 0 || size+len(entries[done+n]) <= maxReplicateBytes) {
+			size += len(entries[done+n])
+			n++
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
+		err := l.opts.Replicator.Replicate(ctx, l.opts.Node, l.replicated, entries[done:done+n])
+		cancel()
+		if err != nil {
+			return done, fmt.Errorf("%w: replication: entries %d..%d: %w", ErrUnavailable, l.replicated, l.replicated+uint64(n)-1, err)
+		}
+		done += n
+		l.replicated += uint64(n)
+	}
+	return done, nil
 }
 
 // failReplication puts the log in the replication-failed state and starts

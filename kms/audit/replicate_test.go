@@ -303,3 +303,109 @@ func TestReplicaAheadIsUnavailable(t *testing.T) {
 		t.Errorf("%d entries written with the replica ahead", n)
 	}
 }
+
+// sizedReplica is a memReplica that reports how much it holds, as the
+// shared store does (ReplicatedSizer), and records the largest call.
+type sizedReplica struct {
+	*memReplica
+	largest int
+}
+
+func (r *sizedReplica) ReplicatedSize(context.Context, string) (uint64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fail {
+		return 0, errors.New("replica unreachable")
+	}
+	return uint64(len(r.entries)), nil
+}
+
+func (r *sizedReplica) Replicate(ctx context.Context, node string, first uint64, entries [][]byte) error {
+	r.mu.Lock()
+	r.largest = max(r.largest, len(entries))
+	r.mu.Unlock()
+	return r.memReplica.Replicate(ctx, node, first, entries)
+}
+
+// TestReplicationCatchUpInChunks: a node whose log was never replicated
+// (a single node moved to a shared store) replicates its backlog at Open,
+// reading it from the entries file a chunk at a time rather than all at
+// once; a replica failing part-way leaves the rest to the probe, and new
+// entries follow the backlog in order.
+func TestReplicationCatchUpInChunks(t *testing.T) {
+	oldChunk, oldProbe := catchUpChunk, probeInterval
+	catchUpChunk, probeInterval = 7, 20*time.Millisecond
+	defer func() { catchUpChunk, probeInterval = oldChunk, oldProbe }()
+	dir := t.TempDir()
+	l, err := Open(testOptions(t, dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendN(t, l, 100)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	rep := &sizedReplica{memReplica: newMemReplica()}
+	opts := testOptions(t, dir)
+	opts.Replicator = rep
+	l = openTestLog(t, opts)
+	rep.check(t, l, 100)
+	if rep.largest > 7 {
+		t.Errorf("a Replicate call carried %d backlog entries; the backlog is read %d at a time", rep.largest, catchUpChunk)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// 100 more entries written alone, then the replica fails during the
+	// catch-up: Open returns, appends are refused, the probe finishes.
+	l, err = Open(testOptions(t, dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendN(t, l, 100)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var failAfter sync.Once
+	rep.memReplica.mu.Lock()
+	calls := rep.memReplica.calls
+	rep.memReplica.mu.Unlock()
+	failing := &failingAfter{sizedReplica: rep, after: calls + 3, once: &failAfter}
+	opts.Replicator = failing
+	l = openTestLog(t, opts)
+	if err := l.Healthy(); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Healthy with the catch-up cut short: %v", err)
+	}
+	if _, err := l.Append(context.Background(), testEntry(1)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append with the catch-up cut short: %v", err)
+	}
+	rep.mu.Lock()
+	part := len(rep.entries)
+	rep.mu.Unlock()
+	if part <= 100 || part >= 200 {
+		t.Fatalf("replica holds %d entries after the cut catch-up, want some of the backlog", part)
+	}
+	rep.setFail(false)
+	waitHealthy(t, l, "catch-up resumed")
+	appendN(t, l, 5)
+	rep.check(t, l, 205)
+}
+
+// failingAfter makes its replica fail from call number after on.
+type failingAfter struct {
+	*sizedReplica
+	after int
+	once  *sync.Once
+}
+
+func (f *failingAfter) Replicate(ctx context.Context, node string, first uint64, entries [][]byte) error {
+	f.mu.Lock()
+	n := f.calls
+	f.mu.Unlock()
+	if n >= f.after {
+		f.once.Do(func() { f.setFail(true) })
+	}
+	return f.sizedReplica.Replicate(ctx, node, first, entries)
+}
