@@ -8,6 +8,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
+	"os"
 	"strings"
 
 	"github.com/coffre-kms/coffre/kms/store"
@@ -34,6 +36,22 @@ func storeCommands() []*command {
 			tlsCfg, err := etcdTLS(caFile, certFile, keyFile)
 			if err != nil {
 				return err
+			}
+			if _, err := etcdEndpoints("--to", to, tlsCfg != nil); err != nil {
+				return err
+			}
+			// OpenBolt creates a missing file: a mistyped path would
+			// migrate an empty store and leave a new file behind.
+			fi, err := os.Stat(path) // #nosec G703 -- the operator names the store file on purpose
+			switch {
+			case errors.Is(err, fs.ErrNotExist):
+				return fmt.Errorf("--from: %s does not exist: name coffred's store.path", path)
+			case err != nil:
+				return fmt.Errorf("--from: %w", err)
+			case !fi.Mode().IsRegular():
+				return fmt.Errorf("--from: %s is not a regular file: name coffred's store.path", path)
+			case fi.Size() == 0:
+				return fmt.Errorf("--from: %s is an empty file, not a store: name coffred's store.path", path)
 			}
 			src, err := store.OpenBolt(path, store.BoltOptions{})
 			if err != nil {
@@ -69,6 +87,9 @@ func migrate(ctx context.Context, src, dst store.Store) (int, error) {
 	kvs, err := src.List(ctx, "")
 	if err != nil {
 		return 0, fmt.Errorf("source: %w", err)
+	}
+	if len(kvs) == 0 {
+		return 0, errors.New("the source store holds no keys: is it the store coffred uses (its store.path)?")
 	}
 	for _, kv := range kvs {
 		if _, err := dst.CompareAndSwap(ctx, kv.Key, 0, kv.Value); err != nil {
@@ -114,20 +135,45 @@ func etcdTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
 	if !pool.AppendCertsFromPEM(ca) {
 		return nil, fmt.Errorf("--etcd-ca %s holds no PEM certificate", caFile)
 	}
+	// The key opens etcd, and so the whole store, to whoever reads it.
+	if fi, err := os.Stat(keyFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("--etcd-key %s is readable or writable by group or others (mode %04o): chmod 600 it", keyFile, fi.Mode().Perm())
+	}
 	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
 		return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
 	}
-	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}}, nil
+	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}}, nil
+}
+
+// etcdEndpoints returns the endpoints of an "etcd:URL[,URL…]" flag, each
+// one checked as the store checks it: https:// with the TLS flags, only
+// plaintext loopback without them.
+func etcdEndpoints(flagName, spec string, withTLS bool) ([]string, error) {
+	list, ok := strings.CutPrefix(spec, "etcd:")
+	if !ok || list == "" {
+		return nil, fmt.Errorf("%w: %s must be etcd:URL[,URL…]", errUsage, flagName)
+	}
+	eps := strings.Split(list, ",")
+	for _, ep := range eps {
+		if err := store.CheckEtcdEndpoint(ep, withTLS); err != nil {
+			hint := ""
+			if !withTLS {
+				hint = " (--etcd-ca, --etcd-cert and --etcd-key give TLS)"
+			}
+			return nil, fmt.Errorf("%w: %s: endpoint %q: %v%s", errUsage, flagName, ep, err, hint)
+		}
+	}
+	return eps, nil
 }
 
 // openEtcdFlag opens the store an "etcd:URL[,URL…]" flag names.
 func openEtcdFlag(ctx context.Context, flagName, spec, prefix string, tlsCfg *tls.Config) (*store.Etcd, error) {
-	eps, ok := strings.CutPrefix(spec, "etcd:")
-	if !ok || eps == "" {
-		return nil, fmt.Errorf("%w: %s must be etcd:URL[,URL…]", errUsage, flagName)
+	eps, err := etcdEndpoints(flagName, spec, tlsCfg != nil)
+	if err != nil {
+		return nil, err
 	}
-	st, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: strings.Split(eps, ","), Prefix: prefix, TLS: tlsCfg})
+	st, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: eps, Prefix: prefix, TLS: tlsCfg})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", flagName, err)
 	}

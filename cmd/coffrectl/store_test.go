@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -94,6 +97,104 @@ func TestStoreMigrate(t *testing.T) {
 		if code := run(ctx, bad, &out, &errOut); code != exitUsage {
 			t.Errorf("%v: exit %d, want %d", bad, code, exitUsage)
 		}
+	}
+}
+
+// TestStoreMigrateRefusals: store migrate refuses a source that is not an
+// existing, non-empty store (creating nothing: bbolt would make a missing
+// file), and etcd endpoints that would not be protected as the flags say;
+// over mutual TLS 1.3 to a real etcd it migrates.
+func TestStoreMigrateRefusals(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cluster := etcdtest.StartClusterWith(t, 1, etcdtest.Options{TLS: true})
+	ca, cert, key := cluster.TLSFiles()
+	to := "etcd:" + strings.Join(cluster.Endpoints(), ",")
+	tlsFlags := []string{"--etcd-ca", ca, "--etcd-cert", cert, "--etcd-key", key}
+	dir := t.TempDir()
+	migrateArgs := func(from, to string, extra ...string) []string {
+		return append([]string{"store", "migrate", "--from", "bbolt:" + from, "--to", to, "--prefix", "/coffre/"}, extra...)
+	}
+
+	emptyStore := filepath.Join(dir, "empty.db")
+	st, err := store.OpenBolt(emptyStore, store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	emptyFile := filepath.Join(dir, "zero.db")
+	if err := os.WriteFile(emptyFile, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "cofre.db") // a typo
+	keyPEM, err := os.ReadFile(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	looseKey := filepath.Join(dir, "loose-key.pem")
+	if err := os.WriteFile(looseKey, keyPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		code     int
+		inStderr string
+	}{
+		{"missing source", migrateArgs(missing, to, tlsFlags...), exitError, "does not exist"},
+		{"source a directory", migrateArgs(dir, to, tlsFlags...), exitError, "not a regular file"},
+		{"source an empty file", migrateArgs(emptyFile, to, tlsFlags...), exitError, "empty file"},
+		{"source without keys", migrateArgs(emptyStore, to, tlsFlags...), exitError, "holds no keys"},
+		{"http endpoint with TLS", migrateArgs(emptyStore, "etcd:"+strings.Replace(cluster.Endpoint(0), "https://", "http://", 1), tlsFlags...), exitUsage, "plaintext"},
+		{"http endpoint after https with TLS", migrateArgs(emptyStore, to+",http://127.0.0.1:1", tlsFlags...), exitUsage, "plaintext"},
+		{"https endpoint without TLS", migrateArgs(emptyStore, to), exitUsage, "no TLS configuration"},
+		{"missing source, bad endpoint", migrateArgs(missing, "etcd:http://10.0.0.1:2379"), exitUsage, "not on loopback"},
+		{"client key readable by others", migrateArgs(emptyStore, to, "--etcd-ca", ca, "--etcd-cert", cert, "--etcd-key", looseKey), exitError, "chmod 600"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			if code := run(ctx, tc.args, &out, &errOut); code != tc.code || !strings.Contains(errOut.String(), tc.inStderr) {
+				t.Errorf("exit %d, want %d; stdout %q; stderr %q, want %q", code, tc.code, out.String(), errOut.String(), tc.inStderr)
+			}
+		})
+	}
+	if _, err := os.Stat(missing); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the missing source was created: %v", err)
+	}
+	dst, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: cluster.Endpoints(), Prefix: "/coffre/", TLS: cluster.ClientTLS()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	if kvs, err := dst.List(ctx, ""); err != nil || len(kvs) != 0 {
+		t.Fatalf("destination after the refusals: %d keys, %v", len(kvs), err)
+	}
+
+	// A real store migrates over mutual TLS.
+	src := filepath.Join(dir, "coffre.db")
+	st, err = store.OpenBolt(src, store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Put(ctx, "keyrings/acme/disks", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	var out, errOut bytes.Buffer
+	if code := run(ctx, migrateArgs(src, to, tlsFlags...), &out, &errOut); code != 0 || !strings.Contains(out.String(), "migrated and verified 1 keys") {
+		t.Fatalf("migrate over TLS: exit %d: %s%s", code, out.String(), errOut.String())
+	}
+	if kv, err := dst.Get(ctx, "keyrings/acme/disks"); err != nil || string(kv.Value) != "v" {
+		t.Fatalf("migrated key: %+v, %v", kv, err)
+	}
+
+	// The etcd client configuration asks for TLS 1.3.
+	cfg, err := etcdTLS(ca, cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.MinVersion != tls.VersionTLS13 {
+		t.Fatalf("etcdTLS: MinVersion %#x, want TLS 1.3", cfg.MinVersion)
 	}
 }
 

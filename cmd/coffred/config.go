@@ -11,15 +11,18 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/coffre-kms/coffre/hsm"
+	"github.com/coffre-kms/coffre/kms/store"
 )
 
 // Limits on what the configuration may name. They exist so that a typo
@@ -73,12 +76,14 @@ const (
 //	hsm.root_aliases             optional: other IDs of the current root ("pkcs11:token=…;object=…", no
 //	                             query): the same key restored under other labels (a DR site), so KEK
 //	                             versions recorded under the primary's root ID unwrap here
-//	store.engine                 "bbolt" (one node, one file) or "etcd" (several Coffre nodes)
+//	store.engine                 "bbolt" (one node, one file) or "etcd" (several Coffre nodes); a field
+//	                             below that is not for the chosen engine is an error
 //	store.path                   bbolt: the file; its directory must exist
-//	store.endpoints              etcd: the members' client URLs
+//	store.endpoints              etcd: the members' client URLs, https://host:port with the TLS files below;
+//	                             without them only plaintext loopback ones (http://127.0.0.1:2379, unix://…)
 //	store.prefix                 etcd: key prefix of this Coffre deployment (default "/coffre/")
 //	store.ca_file, .cert_file, .key_file
-//	                             etcd: mutual TLS (all three; without them only loopback endpoints are accepted)
+//	                             etcd: mutual TLS 1.3 (all three); the key must not be readable by group or others
 //	kek_cache.size               unwrapped KEK versions held in memory, 1..1000000 (default 1024)
 //	kek_cache.ttl                how long one stays, 1s..24h (default "10m")
 //	limits.max_message_bytes     largest request or response, 4096..67108864 (default 1048576)
@@ -105,7 +110,8 @@ const (
 //	audit.syslog.addr            forward every entry to this syslog receiver (RFC 5424, TCP, octet counting);
 //	                             optional: without an audit.syslog section there is no syslog sink
 //	audit.syslog.ca_file, .cert_file, .key_file
-//	                             RFC 5425: mutual TLS to the receiver (all three, or none for plain TCP)
+//	                             RFC 5425: mutual TLS 1.3 to the receiver (all three, or none for plain TCP);
+//	                             the key must not be readable by group or others
 //	audit.syslog.sync_every      confirm delivery (graceful close) after at most this many entries, 1..100000
 //	                             (default 512): the most a receiver crash can make the sink resend
 //	audit.jsonl.path             append every entry to this JSON-lines file (optional)
@@ -957,6 +963,10 @@ func (v *validator) store(r *rawStore) StoreConfig {
 	c.Engine = v.str("store.engine", r.Engine, "", true)
 	switch c.Engine {
 	case "bbolt":
+		v.notFor(c.Engine, map[string]bool{
+			"store.endpoints": r.Endpoints != nil, "store.prefix": r.Prefix != nil,
+			"store.ca_file": r.CAFile != nil, "store.cert_file": r.CertFile != nil, "store.key_file": r.KeyFile != nil,
+		})
 		p := v.str("store.path", r.Path, "", true)
 		if p == "" {
 			break
@@ -968,12 +978,25 @@ func (v *validator) store(r *rawStore) StoreConfig {
 			v.fail("store.path", "%q is not a regular file", c.Path)
 		}
 	case "etcd":
+		v.notFor(c.Engine, map[string]bool{"store.path": r.Path != nil})
+		// With any TLS file the endpoints must be https://: the etcd client
+		// would speak plaintext to an http:// one despite the TLS files.
+		withTLS := r.CAFile != nil || r.CertFile != nil || r.KeyFile != nil
 		if r.Endpoints == nil || len(*r.Endpoints) == 0 {
 			v.fail("store.endpoints", "required with engine \"etcd\": the etcd members' client URLs, such as [\"https://etcd-1.qc:2379\"]")
 		} else {
 			for i, e := range *r.Endpoints {
+				path := fmt.Sprintf("store.endpoints[%d]", i)
 				if e == "" {
-					v.fail(fmt.Sprintf("store.endpoints[%d]", i), "empty")
+					v.fail(path, "empty")
+					continue
+				}
+				if err := store.CheckEtcdEndpoint(e, withTLS); err != nil {
+					hint := ""
+					if !withTLS {
+						hint = " (store.ca_file, .cert_file and .key_file give TLS)"
+					}
+					v.fail(path, "%q: %v%s", e, err, hint)
 				}
 			}
 			c.Endpoints = *r.Endpoints
@@ -984,10 +1007,13 @@ func (v *validator) store(r *rawStore) StoreConfig {
 		}
 		// Mutual TLS to etcd: all three files, or none (then only loopback
 		// endpoints are accepted, for tests).
-		if r.CAFile != nil || r.CertFile != nil || r.KeyFile != nil {
+		if withTLS {
 			caName, caPEM := v.file("store.ca_file", r.CAFile)
 			certName, certPEM := v.file("store.cert_file", r.CertFile)
 			keyName, keyPEM := v.file("store.key_file", r.KeyFile)
+			if keyPEM != nil {
+				v.privateKeyMode("store.key_file", keyName)
+			}
 			if caPEM != nil && certPEM != nil && keyPEM != nil {
 				pool := x509.NewCertPool()
 				if !pool.AppendCertsFromPEM(caPEM) {
@@ -997,7 +1023,7 @@ func (v *validator) store(r *rawStore) StoreConfig {
 				if err != nil {
 					v.fail("store.key_file", "%q and %q: %v", certName, keyName, err)
 				}
-				c.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}}
+				c.TLS = &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}}
 			}
 		}
 	case "":
@@ -1005,6 +1031,27 @@ func (v *validator) store(r *rawStore) StoreConfig {
 		v.fail("store.engine", "unknown engine %q (want \"bbolt\" or \"etcd\")", c.Engine)
 	}
 	return c
+}
+
+// notFor fails each field of the store section that was given (set[field])
+// but belongs to the other engine: the operator believes in a setting that
+// engine does not have.
+func (v *validator) notFor(engine string, set map[string]bool) {
+	for _, field := range slices.Sorted(maps.Keys(set)) {
+		if set[field] {
+			v.fail(field, "is not a setting of store.engine %q; remove it", engine)
+		}
+	}
+}
+
+// privateKeyMode fails field if the private key file name is open to its
+// group or to others (any of the mode bits 0o077): a key for this process
+// alone.
+func (v *validator) privateKeyMode(field, name string) {
+	fi, err := os.Stat(name)
+	if err == nil && fi.Mode().Perm()&0o077 != 0 {
+		v.fail(field, "%q is readable by others (mode %04o); make it 0600", name, fi.Mode().Perm())
+	}
 }
 
 func (v *validator) audit(r *rawAudit) AuditConfig {
@@ -1021,12 +1068,10 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 		c.SignerKeyFile = v.abs(c.SignerKeyFile)
 	}
 	if c.SignerKeyFile != "" {
-		fi, err := os.Stat(c.SignerKeyFile)
-		switch {
-		case err != nil:
+		if _, err := os.Stat(c.SignerKeyFile); err != nil {
 			v.fail("audit.signer_key_file", "%q: not readable: %v (coffred dev makes one; in production the key ceremony does)", c.SignerKeyFile, statReason(err))
-		case fi.Mode().Perm()&0o077 != 0:
-			v.fail("audit.signer_key_file", "%q is readable by others (mode %04o); make it 0600", c.SignerKeyFile, fi.Mode().Perm())
+		} else {
+			v.privateKeyMode("audit.signer_key_file", c.SignerKeyFile)
 		}
 	}
 	host, _ := os.Hostname()
@@ -1055,6 +1100,9 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 			caName, caPEM := v.file("audit.syslog.ca_file", sl.CAFile)
 			certName, certPEM := v.file("audit.syslog.cert_file", sl.CertFile)
 			keyName, keyPEM := v.file("audit.syslog.key_file", sl.KeyFile)
+			if keyPEM != nil {
+				v.privateKeyMode("audit.syslog.key_file", keyName)
+			}
 			if caPEM != nil && certPEM != nil && keyPEM != nil {
 				pool := x509.NewCertPool()
 				if !pool.AppendCertsFromPEM(caPEM) {
@@ -1065,7 +1113,7 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 					v.fail("audit.syslog.key_file", "%q and %q: %v", certName, keyName, err)
 				}
 				host, _, _ := net.SplitHostPort(c.Syslog.Addr)
-				c.Syslog.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: host}
+				c.Syslog.TLS = &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: host}
 			}
 		}
 	}

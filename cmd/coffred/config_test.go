@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"net"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/coffre-kms/coffre/kms/store"
+	"github.com/coffre-kms/coffre/kms/store/etcdtest"
 )
 
 // testFiles makes, in a temp dir, everything a valid configuration names:
@@ -216,6 +220,20 @@ func TestConfigErrors(t *testing.T) {
 	if err := os.Chmod(worldReadable, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	groupReadable := filepath.Join(f.dir, "group-key.pem")
+	if err := os.WriteFile(groupReadable, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(groupReadable, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	etcdTLS := func(endpoint, keyFile string) map[string]any {
+		return map[string]any{"engine": "etcd", "endpoints": []string{"https://etcd-qc1.example:2379", endpoint},
+			"ca_file": f.ca, "cert_file": f.adminCert, "key_file": keyFile}
+	}
+	syslogTLS := func(keyFile string) map[string]any {
+		return map[string]any{"addr": "siem.example:6514", "ca_file": f.ca, "cert_file": f.adminCert, "key_file": keyFile}
+	}
 	valid := string(mustJSON(t, f.valid()))
 	with := func(path string, v any) string {
 		m := f.valid()
@@ -290,6 +308,21 @@ func TestConfigErrors(t *testing.T) {
 		{"store engine etcd without endpoints", with("store.engine", "etcd"), []string{"config: store.endpoints: required"}},
 		{"store etcd bad prefix", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"http://127.0.0.1:2379"}, "prefix": "coffre"}), []string{"config: store.prefix:"}},
 		{"store etcd half TLS", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"https://e:2379"}, "ca_file": "/nope"}), []string{"config: store.ca_file:", "config: store.cert_file:", "config: store.key_file:"}},
+		{"store etcd http with TLS", with("store", etcdTLS("http://etcd-qc2.example:2379", f.adminKey)), []string{"config: store.endpoints[1]: \"http://etcd-qc2.example:2379\": http:// is plaintext"}},
+		{"store etcd loopback http with TLS", with("store", etcdTLS("http://127.0.0.1:2379", f.adminKey)), []string{"config: store.endpoints[1]:", "plaintext"}},
+		{"store etcd unix with TLS", with("store", etcdTLS("unix:///run/etcd.sock", f.adminKey)), []string{"config: store.endpoints[1]:", "plaintext"}},
+		{"store etcd no scheme with TLS", with("store", etcdTLS("etcd-qc2.example:2379", f.adminKey)), []string{"config: store.endpoints[1]:", "no scheme"}},
+		{"store etcd https without TLS", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"https://etcd-qc1.example:2379"}}), []string{"config: store.endpoints[0]:", "no TLS configuration", "store.ca_file"}},
+		{"store etcd remote without TLS", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"http://127.0.0.1:2379", "http://10.0.0.1:2379"}}), []string{"config: store.endpoints[1]:", "not on loopback"}},
+		{"store etcd key readable by group", with("store", etcdTLS("https://etcd-qc2.example:2379", groupReadable)), []string{"config: store.key_file:", "readable by others (mode 0640)"}},
+		{"store etcd key world-readable", with("store", etcdTLS("https://etcd-qc2.example:2379", worldReadable)), []string{"config: store.key_file:", "readable by others (mode 0644)"}},
+		{"store etcd with path", with("store", map[string]any{"engine": "etcd", "endpoints": []string{"http://127.0.0.1:2379"}, "path": f.store}), []string{"config: store.path: is not a setting of store.engine \"etcd\""}},
+		{"store bbolt with etcd fields", with("store", map[string]any{"engine": "bbolt", "path": f.store, "endpoints": []string{"https://e:2379"}, "prefix": "/x/", "ca_file": f.ca, "cert_file": f.adminCert, "key_file": f.adminKey}), []string{
+			"config: store.endpoints: is not a setting of store.engine \"bbolt\"", "config: store.prefix: is not", "config: store.ca_file: is not", "config: store.cert_file: is not", "config: store.key_file: is not",
+		}},
+		{"store bbolt with prefix", with("store.prefix", "/coffre/"), []string{"config: store.prefix: is not a setting of store.engine \"bbolt\""}},
+		{"syslog key readable by group", with("audit.syslog", syslogTLS(groupReadable)), []string{"config: audit.syslog.key_file:", "readable by others (mode 0640)"}},
+		{"signer key readable by group", with("audit.signer_key_file", groupReadable), []string{"config: audit.signer_key_file:", "readable by others (mode 0640)"}},
 		{"store engine unknown", with("store.engine", "mysql"), []string{"config: store.engine: unknown engine \"mysql\""}},
 		{"store path missing", without("store", "path"), []string{"config: store.path: is required"}},
 		{"store directory missing", with("store.path", "/nonexistent/coffre.db"), []string{"config: store.path: directory \"/nonexistent\" does not exist"}},
@@ -421,5 +454,48 @@ func TestConfigEtcdExample(t *testing.T) {
 		if !strings.Contains(line, "not readable") && !strings.Contains(line, "pin-source file") && !strings.Contains(line, "does not exist") {
 			t.Errorf("unexpected error for the etcd example: %s", line)
 		}
+	}
+}
+
+// TestConfigTLSVersions: the TLS configurations coffred makes for etcd and
+// for syslog ask for TLS 1.3, as everything else Coffre speaks.
+func TestConfigTLSVersions(t *testing.T) {
+	f := newTestFiles(t)
+	m := f.valid()
+	m["store"] = map[string]any{"engine": "etcd", "endpoints": []string{"https://etcd-qc1.example:2379"},
+		"ca_file": f.ca, "cert_file": f.adminCert, "key_file": f.adminKey}
+	set(m, "audit.syslog", map[string]any{"addr": "siem.example:6514", "ca_file": f.ca, "cert_file": f.adminCert, "key_file": f.adminKey})
+	cfg, err := parseConfig(mustJSON(t, m), f.dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]*tls.Config{"store": cfg.Store.TLS, "audit.syslog": cfg.Audit.Syslog.TLS} {
+		if c == nil {
+			t.Errorf("%s: no TLS configuration", name)
+		} else if c.MinVersion != tls.VersionTLS13 {
+			t.Errorf("%s: MinVersion %#x, want TLS 1.3", name, c.MinVersion)
+		}
+	}
+}
+
+// TestConfigEtcdTLS: the store section of a configuration naming the TLS
+// files of a real etcd that requires mutual TLS opens it.
+func TestConfigEtcdTLS(t *testing.T) {
+	f := newTestFiles(t)
+	cluster := etcdtest.StartClusterWith(t, 1, etcdtest.Options{TLS: true})
+	ca, cert, key := cluster.TLSFiles()
+	m := f.valid()
+	m["store"] = map[string]any{"engine": "etcd", "endpoints": cluster.Endpoints(), "ca_file": ca, "cert_file": cert, "key_file": key}
+	cfg, err := parseConfig(mustJSON(t, m), f.dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.OpenEtcd(t.Context(), store.EtcdOptions{Endpoints: cfg.Store.Endpoints, Prefix: cfg.Store.Prefix, TLS: cfg.Store.TLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.Put(t.Context(), "k", []byte("v")); err != nil {
+		t.Fatal(err)
 	}
 }

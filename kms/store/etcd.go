@@ -29,9 +29,10 @@ type EtcdOptions struct {
 	// Endpoints are the client URLs of the etcd members, for example
 	// "https://etcd-1.site-a:2379".
 	Endpoints []string
-	// TLS is the mutual-TLS configuration for talking to etcd. Nil means
-	// plaintext, which OpenEtcd accepts only when every endpoint is on
-	// loopback (tests).
+	// TLS is the mutual-TLS configuration for talking to etcd; every
+	// endpoint must then be https://. Nil means plaintext, which OpenEtcd
+	// accepts only when every endpoint is on loopback (tests). See
+	// [CheckEtcdEndpoint].
 	TLS *tls.Config
 	// Prefix is prepended to every store key, for example "/coffre/". It is
 	// required and must end with "/", so that two deployments sharing one
@@ -91,11 +92,9 @@ func OpenEtcd(ctx context.Context, opts EtcdOptions) (*Etcd, error) {
 	if len(opts.Endpoints) == 0 {
 		return nil, errors.New("store: etcd: no endpoints")
 	}
-	if opts.TLS == nil {
-		for _, ep := range opts.Endpoints {
-			if !isLoopbackEndpoint(ep) {
-				return nil, fmt.Errorf("store: etcd: endpoint %q is not on loopback and no TLS configuration was given", ep)
-			}
+	for _, ep := range opts.Endpoints {
+		if err := CheckEtcdEndpoint(ep, opts.TLS != nil); err != nil {
+			return nil, fmt.Errorf("store: etcd: endpoint %q: %w", ep, err)
 		}
 	}
 	if opts.Prefix == "" || !strings.HasSuffix(opts.Prefix, "/") {
@@ -138,6 +137,64 @@ func OpenEtcd(ctx context.Context, opts EtcdOptions) (*Etcd, error) {
 		return nil, e.wrap(ctx, "open", err)
 	}
 	return e, nil
+}
+
+// CheckEtcdEndpoint reports whether [OpenEtcd] accepts the endpoint ep,
+// given whether a TLS configuration goes with it. The error says what is
+// wrong without naming ep, so that the caller says where ep came from.
+//
+// With TLS, every endpoint must be https:// (or etcd's unixs://, TLS over a
+// Unix socket). The etcd client sends http:// and unix:// endpoints in
+// clear whatever TLS it is given, and it picks the credentials of every
+// connection from the first endpoint, so a single http:// endpoint would
+// put all traffic in clear. A bare host:port is refused too: whether it
+// gets TLS is the client's guess.
+//
+// Without TLS, only endpoints that stay on this host are accepted (tests):
+// http:// or a bare host:port on 127.0.0.0/8, ::1 or localhost, and
+// unix://. An https:// endpoint without TLS is refused: it needs the CA and
+// the client certificate of mutual TLS.
+func CheckEtcdEndpoint(ep string, withTLS bool) error {
+	scheme := etcdScheme(ep)
+	if withTLS {
+		switch scheme {
+		case "https":
+			if u, err := url.Parse(ep); err != nil || u.Host == "" {
+				return errors.New("not a URL of the form https://host:port")
+			}
+			return nil
+		case "unixs":
+			return nil
+		case "http", "unix":
+			return fmt.Errorf("%s:// is plaintext, and TLS is configured: write https://", scheme)
+		case "":
+			return errors.New("no scheme, and TLS is configured: write https://host:port")
+		default:
+			return fmt.Errorf("unknown scheme %q: write https://host:port", scheme)
+		}
+	}
+	switch {
+	case scheme == "https" || scheme == "unixs":
+		return fmt.Errorf("%s:// needs TLS, and no TLS configuration was given (CA, client certificate and key)", scheme)
+	case !isLoopbackEndpoint(ep):
+		return errors.New("not on loopback, and no TLS configuration was given")
+	}
+	return nil
+}
+
+// etcdScheme returns the scheme of ep as the etcd client reads it: "unix"
+// or "unixs" for anything that starts so, the URL scheme when ep has
+// "://", and "" for a bare host:port.
+func etcdScheme(ep string) string {
+	for _, s := range []string{"unixs", "unix"} {
+		if strings.HasPrefix(ep, s+":") {
+			return s
+		}
+	}
+	if i := strings.Index(ep, "://"); i >= 0 {
+		return strings.ToLower(ep[:i]) // as url.Parse, which the client uses
+	}
+	return ""
 }
 
 // isLoopbackEndpoint reports whether ep ("http://127.0.0.1:2379",

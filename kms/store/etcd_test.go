@@ -2,8 +2,11 @@ package store_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -57,7 +60,7 @@ func TestOpenEtcdOptions(t *testing.T) {
 		t.Error("OpenEtcd without endpoints succeeded")
 	}
 	// Plaintext only on loopback.
-	for _, ep := range []string{"http://10.0.0.1:2379", "https://127.0.0.1:2379", "etcd.example:2379", "http://[::2]:2379", "http://localhost.example:2379"} {
+	for _, ep := range []string{"http://10.0.0.1:2379", "etcd.example:2379", "http://[::2]:2379", "http://localhost.example:2379"} {
 		_, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: []string{"http://127.0.0.1:1", ep}, Prefix: "/coffre/", DialTimeout: time.Millisecond})
 		if err == nil || !strings.Contains(err.Error(), "not on loopback") {
 			t.Errorf("OpenEtcd(%q, no TLS) = %v, want a refusal", ep, err)
@@ -380,5 +383,121 @@ func retry(ctx context.Context, d time.Duration, f func() error) error {
 			return err
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestCheckEtcdEndpoint: with TLS only https:// (and unixs://) endpoints are
+// accepted, since the etcd client speaks plaintext to http:// and unix://
+// ones whatever TLS it is given; without TLS only loopback plaintext ones,
+// and https:// is refused rather than half-configured.
+func TestCheckEtcdEndpoint(t *testing.T) {
+	for _, tc := range []struct {
+		ep      string
+		withTLS bool
+		ok      bool
+	}{
+		{"https://etcd-qc1.kms.internal:2379", true, true},
+		{"HTTPS://10.0.0.1:2379", true, true},
+		{"unixs:///run/etcd.sock", true, true},
+		{"http://etcd-qc1.kms.internal:2379", true, false},
+		{"http://127.0.0.1:2379", true, false},
+		{"HTTP://10.0.0.1:2379", true, false},
+		{"unix:///run/etcd.sock", true, false},
+		{"unix:etcd.sock", true, false},
+		{"etcd-qc1.kms.internal:2379", true, false},
+		{"ftp://etcd:2379", true, false},
+		{"https://", true, false},
+
+		{"http://127.0.0.1:2379", false, true},
+		{"http://[::1]:2379", false, true},
+		{"localhost:2379", false, true},
+		{"unix:///run/etcd.sock", false, true},
+		{"https://127.0.0.1:2379", false, false},
+		{"https://etcd-qc1.kms.internal:2379", false, false},
+		{"unixs:///run/etcd.sock", false, false},
+		{"http://10.0.0.1:2379", false, false},
+	} {
+		err := store.CheckEtcdEndpoint(tc.ep, tc.withTLS)
+		if (err == nil) != tc.ok {
+			t.Errorf("CheckEtcdEndpoint(%q, TLS %v) = %v, want ok %v", tc.ep, tc.withTLS, err, tc.ok)
+		}
+	}
+	if err := store.CheckEtcdEndpoint("https://127.0.0.1:2379", false); err == nil || !strings.Contains(err.Error(), "no TLS configuration") {
+		t.Errorf("https without TLS: %v", err)
+	}
+}
+
+// TestOpenEtcdTLSNeverPlaintext: with a TLS configuration, an http://
+// endpoint is refused before anything is sent. The etcd client would
+// otherwise drop the credentials for it and speak plaintext HTTP/2.
+func TestOpenEtcdTLSNeverPlaintext(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var mu sync.Mutex
+	var clear [][]byte // first bytes of connections that did not start a TLS handshake
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				buf := make([]byte, 24)
+				n, _ := c.Read(buf)
+				if n > 0 && buf[0] != 0x16 { // 0x16: a TLS handshake record
+					mu.Lock()
+					clear = append(clear, buf[:n])
+					mu.Unlock()
+				}
+			}()
+		}
+	}()
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: x509.NewCertPool()}
+	for _, eps := range [][]string{
+		{"http://" + ln.Addr().String()},
+		// The client takes the credentials of every connection from the
+		// first endpoint.
+		{"http://" + ln.Addr().String(), "https://" + ln.Addr().String()},
+		{"unix:///nonexistent/etcd.sock", "https://" + ln.Addr().String()},
+	} {
+		_, err := store.OpenEtcd(t.Context(), store.EtcdOptions{Endpoints: eps, Prefix: "/coffre/", TLS: tlsCfg, DialTimeout: time.Second})
+		if err == nil || !strings.Contains(err.Error(), "plaintext") {
+			t.Errorf("OpenEtcd(%q, TLS) = %v, want a refusal", eps, err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	for _, b := range clear {
+		t.Errorf("TLS configured, but the client sent plaintext: %q", b)
+	}
+}
+
+// TestEtcdOverTLS: a cluster that requires mutual TLS is reached over
+// https:// with a TLS 1.3 client configuration, and refuses a client
+// without a certificate.
+func TestEtcdOverTLS(t *testing.T) {
+	c := etcdtest.StartClusterWith(t, 1, etcdtest.Options{TLS: true})
+	s, err := store.OpenEtcd(t.Context(), store.EtcdOptions{Endpoints: c.Endpoints(), Prefix: "/coffre-tls/", TLS: c.ClientTLS(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Put(t.Context(), "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if kv, err := s.Get(t.Context(), "k"); err != nil || string(kv.Value) != "v" {
+		t.Fatalf("Get = %+v, %v", kv, err)
+	}
+	noCert := c.ClientTLS()
+	noCert.Certificates = nil
+	if s2, err := store.OpenEtcd(t.Context(), store.EtcdOptions{Endpoints: c.Endpoints(), Prefix: "/coffre-tls/", TLS: noCert, DialTimeout: time.Second}); err == nil {
+		s2.Close()
+		t.Fatal("OpenEtcd without a client certificate succeeded")
 	}
 }

@@ -1,8 +1,8 @@
 // Package etcdtest runs real etcd clusters, embedded in the test process,
 // for tests of the etcd store engine and of the services above it.
 //
-// Members listen on 127.0.0.1 only, in plaintext, with their data in
-// t.TempDir(). The Raft timeouts are short (50ms heartbeat, 500ms
+// Members listen on 127.0.0.1 only, in plaintext unless Options.TLS asks
+// for mutual TLS to clients, with their data in t.TempDir(). The Raft timeouts are short (50ms heartbeat, 500ms
 // election) so that a cluster starts, and elects a new leader, in well
 // under a second. Members run with fsync off unless Options.Fsync says
 // otherwise: the tests stop members gracefully and are about quorum, not
@@ -11,6 +11,7 @@
 package etcdtest
 
 import (
+	"crypto/tls"
 	"fmt"
 	"net"
 	"net/url"
@@ -33,6 +34,7 @@ type Cluster struct {
 	token   string
 	initial string
 	members []*member
+	pki     *testPKI // nil without Options.TLS
 }
 
 // Options tunes a cluster.
@@ -40,6 +42,10 @@ type Options struct {
 	// Fsync makes members fsync their write-ahead log and backend as a
 	// production etcd does.
 	Fsync bool
+	// TLS makes members serve clients over mutual TLS (https:// client
+	// URLs) with certificates from a CA made for the cluster; see
+	// [Cluster.ClientTLS] and [Cluster.TLSFiles]. Peers stay plaintext.
+	TLS bool
 }
 
 type member struct {
@@ -67,12 +73,20 @@ func StartClusterWith(t testing.TB, members int, opts Options) *Cluster {
 	}
 	c := &Cluster{opts: opts, token: fmt.Sprintf("coffre-test-%d", time.Now().UnixNano())}
 	base := t.TempDir()
+	clientScheme := "http"
+	if opts.TLS {
+		pki, err := newTestPKI(filepath.Join(base, "pki"))
+		if err != nil {
+			t.Fatalf("etcdtest: %v", err)
+		}
+		c.pki, clientScheme = pki, "https"
+	}
 	var initial []string
 	for i := range members {
 		m := &member{
 			name:      fmt.Sprintf("m%d", i),
 			dir:       filepath.Join(base, fmt.Sprintf("m%d", i)),
-			clientURL: url.URL{Scheme: "http", Host: freeAddr(t)},
+			clientURL: url.URL{Scheme: clientScheme, Host: freeAddr(t)},
 			peerURL:   url.URL{Scheme: "http", Host: freeAddr(t)},
 		}
 		c.members = append(c.members, m)
@@ -139,6 +153,12 @@ func (c *Cluster) start(i int) error {
 	cfg.LogLevel = "error"
 	cfg.LogOutputs = []string{"stderr"}
 	cfg.Metrics = "basic"
+	if c.pki != nil {
+		cfg.ClientTLSInfo.CertFile = c.pki.serverCert
+		cfg.ClientTLSInfo.KeyFile = c.pki.serverKey
+		cfg.ClientTLSInfo.TrustedCAFile = c.pki.ca
+		cfg.ClientTLSInfo.ClientCertAuth = true
+	}
 	m.everLaunch = true
 	c.mu.Unlock()
 
@@ -171,6 +191,26 @@ func (c *Cluster) Endpoints() []string {
 		out[i] = m.clientURL.String()
 	}
 	return out
+}
+
+// ClientTLS returns a mutual-TLS client configuration for a cluster
+// started with Options.TLS (TLS 1.3, the cluster's CA as root, a client
+// certificate from it), or nil for a plaintext cluster.
+func (c *Cluster) ClientTLS() *tls.Config {
+	if c.pki == nil {
+		return nil
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: c.pki.pool, Certificates: []tls.Certificate{c.pki.client}}
+}
+
+// TLSFiles returns the PEM files of a cluster started with Options.TLS:
+// the CA certificate, and a client certificate and its key (mode 0600).
+// They are empty for a plaintext cluster.
+func (c *Cluster) TLSFiles() (caFile, certFile, keyFile string) {
+	if c.pki == nil {
+		return "", "", ""
+	}
+	return c.pki.ca, c.pki.clientCert, c.pki.clientKey
 }
 
 // Endpoint returns the client URL of member i.
