@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/coffre-kms/coffre/hsm"
+	"github.com/coffre-kms/coffre/kms/audit"
 	"github.com/coffre-kms/coffre/kms/store"
 )
 
@@ -107,6 +108,8 @@ const (
 //	audit.origin                 the checkpoints' origin line (default "coffre/" + node_id)
 //	audit.checkpoint_interval    publish a checkpoint at least this often when the log grew, 100ms..1h (default "1s")
 //	audit.checkpoint_every       and every this many entries, 1..10000000 (default 10000)
+//	audit.witnesses              public key files (FILE.pub of coffrectl audit keygen) of the witnesses whose
+//	                             cosignatures the log stores, at most 16; without any, cosignatures are refused
 //	audit.syslog.addr            forward every entry to this syslog receiver (RFC 5424, TCP, octet counting);
 //	                             optional: without an audit.syslog section there is no syslog sink
 //	audit.syslog.ca_file, .cert_file, .key_file
@@ -146,6 +149,8 @@ type AuditConfig struct {
 	Origin             string
 	CheckpointInterval time.Duration
 	CheckpointEvery    uint64
+	// Witnesses are the parties whose cosignatures the log stores.
+	Witnesses []*audit.Verifier
 	// Syslog, when Addr is set, forwards every entry to a syslog receiver
 	// (RFC 5424 over TCP, or RFC 5425 over mutual TLS when TLS is set).
 	Syslog SyslogSinkConfig
@@ -282,6 +287,7 @@ type rawAudit struct {
 	Origin             *string      `json:"origin"`
 	CheckpointInterval *rawDuration `json:"checkpoint_interval"`
 	CheckpointEvery    *int64       `json:"checkpoint_every"`
+	Witnesses          *[]string    `json:"witnesses"`
 	Syslog             *rawSyslog   `json:"syslog"`
 	JSONL              *rawJSONL    `json:"jsonl"`
 }
@@ -1054,6 +1060,43 @@ func (v *validator) privateKeyMode(field, name string) {
 	}
 }
 
+// maxWitnesses is the most audit.witnesses may name (audit.Options takes
+// as many).
+const maxWitnesses = 16
+
+// witnesses reads the public keys of audit.witnesses.
+func (v *validator) witnesses(files []string) []*audit.Verifier {
+	if len(files) > maxWitnesses {
+		v.fail("audit.witnesses", "%d files, more than %d", len(files), maxWitnesses)
+		return nil
+	}
+	var out []*audit.Verifier
+	byName := map[string]string{}
+	for i, f := range files {
+		path := fmt.Sprintf("audit.witnesses[%d]", i)
+		name, data := v.file(path, &f)
+		if name == "" {
+			v.fail(path, "empty")
+			continue
+		}
+		if data == nil {
+			continue
+		}
+		w, err := audit.ParseVerifier(data)
+		if err != nil {
+			v.fail(path, "%q: %v (want the FILE.pub that coffrectl audit keygen writes)", name, err)
+			continue
+		}
+		if other, dup := byName[w.Name()]; dup {
+			v.fail(path, "%q: witness %q is also %s", name, w.Name(), other)
+			continue
+		}
+		byName[w.Name()] = path
+		out = append(out, w)
+	}
+	return out
+}
+
 func (v *validator) audit(r *rawAudit) AuditConfig {
 	var c AuditConfig
 	if c.Dir = v.str("audit.dir", r.Dir, "", true); c.Dir != "" {
@@ -1085,6 +1128,9 @@ func (v *validator) audit(r *rawAudit) AuditConfig {
 	}
 	c.CheckpointInterval = v.duration("audit.checkpoint_interval", r.CheckpointInterval, time.Second, 100*time.Millisecond, time.Hour)
 	c.CheckpointEvery = uint64(v.intRange("audit.checkpoint_every", r.CheckpointEvery, 10000, 1, 10_000_000)) // #nosec G115 -- bounded to 1..1e7
+	if r.Witnesses != nil {
+		c.Witnesses = v.witnesses(*r.Witnesses)
+	}
 
 	if r.Syslog != nil {
 		sl := r.Syslog

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coffre-kms/coffre/kms/audit"
 	"github.com/coffre-kms/coffre/kms/store"
 	"github.com/coffre-kms/coffre/kms/store/etcdtest"
 )
@@ -234,6 +235,22 @@ func TestConfigErrors(t *testing.T) {
 	syslogTLS := func(keyFile string) map[string]any {
 		return map[string]any{"addr": "siem.example:6514", "ca_file": f.ca, "cert_file": f.adminCert, "key_file": keyFile}
 	}
+	witnessPub := func(name string) string {
+		w, err := audit.GenerateSigner(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(f.dir, name+".pub")
+		if err := os.WriteFile(p, w.Verifier().Marshal(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	witnessA, witnessB := witnessPub("witness.a"), witnessPub("witness.b")
+	manyWitnesses := make([]string, 17)
+	for i := range manyWitnesses {
+		manyWitnesses[i] = witnessA
+	}
 	valid := string(mustJSON(t, f.valid()))
 	with := func(path string, v any) string {
 		m := f.valid()
@@ -323,6 +340,10 @@ func TestConfigErrors(t *testing.T) {
 		{"store bbolt with prefix", with("store.prefix", "/coffre/"), []string{"config: store.prefix: is not a setting of store.engine \"bbolt\""}},
 		{"syslog key readable by group", with("audit.syslog", syslogTLS(groupReadable)), []string{"config: audit.syslog.key_file:", "readable by others (mode 0640)"}},
 		{"signer key readable by group", with("audit.signer_key_file", groupReadable), []string{"config: audit.signer_key_file:", "readable by others (mode 0640)"}},
+		{"witness file missing", with("audit.witnesses", []string{witnessA, "/nonexistent/w.pub"}), []string{"config: audit.witnesses[1]:", "/nonexistent/w.pub"}},
+		{"witness not a key", with("audit.witnesses", []string{f.ca}), []string{"config: audit.witnesses[0]:", "coffrectl audit keygen"}},
+		{"witness twice", with("audit.witnesses", []string{witnessA, witnessB, witnessA}), []string{"config: audit.witnesses[2]:", "witness \"witness.a\" is also audit.witnesses[0]"}},
+		{"witnesses too many", with("audit.witnesses", manyWitnesses), []string{"config: audit.witnesses: 17 files, more than 16"}},
 		{"store engine unknown", with("store.engine", "mysql"), []string{"config: store.engine: unknown engine \"mysql\""}},
 		{"store path missing", without("store", "path"), []string{"config: store.path: is required"}},
 		{"store directory missing", with("store.path", "/nonexistent/coffre.db"), []string{"config: store.path: directory \"/nonexistent\" does not exist"}},

@@ -67,6 +67,7 @@ type devEnv struct {
 	pinFile, soPINFile, storePath string
 	envFile                       string
 	auditSigner                   string
+	witnessKey                    string
 	// The dev admin's quorum signing key, its passphrase and public key.
 	adminSignKey, adminSignPass, adminSignPub string
 }
@@ -89,6 +90,7 @@ func newDevEnv(dir, shown string) *devEnv {
 		storePath:   j("coffre.db"),
 		envFile:     j("env"),
 		auditSigner: j("audit-signer.key"),
+		witnessKey:  j("witness.key"),
 
 		adminSignKey:  j("admin-sign.key"),
 		adminSignPass: j("admin-sign.pass"),
@@ -266,7 +268,10 @@ func prepareDev(ctx context.Context, o devOptions, stdout io.Writer, log *slog.L
 		}
 	}
 
-	if err := ensureAuditSigner(e.auditSigner, say); err != nil {
+	if err := ensureSignerKey(e.auditSigner, filepath.Join(e.dir, "audit-verifier.pub"), "coffre-dev", "the audit checkpoint signer", say); err != nil {
+		return nil, nil, err
+	}
+	if err := ensureSignerKey(e.witnessKey, e.witnessKey+".pub", "witness.dev", "a witness key (coffrectl audit witness --witness-key)", say); err != nil {
 		return nil, nil, err
 	}
 	if err := e.ensureAdminKey(say); err != nil {
@@ -350,6 +355,7 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 		SignerKeyFile string       `json:"signer_key_file"`
 		NodeID        string       `json:"node_id"`
 		Origin        string       `json:"origin"`
+		Witnesses     []string     `json:"witnesses"`
 		JSONL         jsonlSection `json:"jsonl"`
 	}
 	type hsmSection struct {
@@ -382,7 +388,8 @@ func (e *devEnv) config(listen, module string) ([]byte, error) {
 		// production each role has its own CA.
 		TLS: tlsSection{CertFile: e.serverCert, KeyFile: e.serverKey, AdminClientCAFile: e.caFile, AuditorClientCAFile: e.caFile},
 		Audit: auditSection{Dir: filepath.Join(e.dir, "audit"), SignerKeyFile: e.auditSigner, NodeID: "dev", Origin: "coffre-dev/dev",
-			JSONL: jsonlSection{Path: filepath.Join(e.dir, "audit.jsonl")}},
+			Witnesses: []string{e.witnessKey + ".pub"},
+			JSONL:     jsonlSection{Path: filepath.Join(e.dir, "audit.jsonl")}},
 		HSM:   hsmSection{RootKey: rootKey, Sessions: 4},
 		Store: storeSection{Engine: "bbolt", Path: e.storePath},
 		// A short grace: a developer's Ctrl-C should not wait long.
@@ -406,8 +413,8 @@ func (e *devEnv) writeShellEnv(addr, nodeTPM string) error {
 	fmt.Fprintf(&b, "# Written by coffred dev; load it with: . %s\n", shellQuote(e.envFile))
 	fmt.Fprintf(&b, "export COFFRE_ADDR=%s COFFRE_CA=%s COFFRE_CERT=%s COFFRE_KEY=%s SOFTHSM2_CONF=%s\n",
 		shellQuote(addr), shellQuote(e.caFile), shellQuote(e.adminCert), shellQuote(e.adminKey), shellQuote(e.softhsmConf))
-	fmt.Fprintf(&b, "export COFFRE_AUDIT_DIR=%s COFFRE_AUDIT_VERIFIER=%s\n",
-		shellQuote(filepath.Join(e.dir, "audit")), shellQuote(filepath.Join(e.dir, "audit-verifier.pub")))
+	fmt.Fprintf(&b, "export COFFRE_AUDIT_DIR=%s COFFRE_AUDIT_VERIFIER=%s COFFRE_DEV_WITNESS_KEY=%s\n",
+		shellQuote(filepath.Join(e.dir, "audit")), shellQuote(filepath.Join(e.dir, "audit-verifier.pub")), shellQuote(e.witnessKey))
 	fmt.Fprintf(&b, "export COFFRE_ADMIN_KEY=%s COFFRE_ADMIN_PASSPHRASE_FILE=%s\n",
 		shellQuote(e.adminSignKey), shellQuote(e.adminSignPass))
 	if nodeTPM != "" {
@@ -465,11 +472,12 @@ func binCommand(name string) string {
 	return name
 }
 
-// ensureAuditSigner makes the audit checkpoint signer of the dev
-// environment (Ed25519 + ML-DSA-65) if there is none. In production the key
-// is made in a ceremony and held by its node alone.
-func ensureAuditSigner(path string, say func(string, ...any)) error {
-	pub := filepath.Join(filepath.Dir(path), "audit-verifier.pub")
+// ensureSignerKey makes a checkpoint signer key (Ed25519 + ML-DSA-65)
+// named name at path, with its public key at pub, if there is none: the
+// dev environment's audit signer, and a witness key that its log accepts
+// cosignatures from. In production the node's key is made in a ceremony
+// and held by its node alone, and each witness makes its own.
+func ensureSignerKey(path, pub, name, what string, say func(string, ...any)) error {
 	if fileExists(path) {
 		if fileExists(pub) {
 			return nil
@@ -485,7 +493,7 @@ func ensureAuditSigner(path string, say func(string, ...any)) error {
 		}
 		return atomicfile.WriteFile(pub, s.Verifier().Marshal(), 0o644)
 	}
-	s, err := audit.GenerateSigner("coffre-dev")
+	s, err := audit.GenerateSigner(name)
 	if err != nil {
 		return err
 	}
@@ -500,7 +508,7 @@ func ensureAuditSigner(path string, say func(string, ...any)) error {
 	if err := atomicfile.WriteFile(pub, s.Verifier().Marshal(), 0o644); err != nil {
 		return err
 	}
-	say("made the audit checkpoint signer %s (public key %s)", path, pub)
+	say("made %s %s (public key %s)", what, path, pub)
 	return nil
 }
 

@@ -99,6 +99,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 		Signer:             signer,
 		CheckpointInterval: cfg.Audit.CheckpointInterval,
 		CheckpointEvery:    cfg.Audit.CheckpointEvery,
+		Witnesses:          cfg.Audit.Witnesses,
 		Logger:             log,
 	})
 	if err != nil {

@@ -472,14 +472,15 @@ func TestTornCheckpointAndCosignature(t *testing.T) {
 		_ = f.Close()
 	}
 	var logs logBuffer
+	witness, _ := GenerateSigner("witness")
 	opts := testOptions(t, dir)
 	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	opts.Witnesses = []*Verifier{witness.Verifier()}
 	l2 := openTestLog(t, opts)
 	if n := strings.Count(logs.String(), "torn record truncated"); n != 2 {
 		t.Fatalf("torn records reported %d times: %s", n, logs.String())
 	}
 	appendN(t, l2, 2)
-	witness, _ := GenerateSigner("witness")
 	cp, err := l2.PublishCheckpoint()
 	if err != nil {
 		t.Fatal(err)

@@ -76,7 +76,16 @@ type Options struct {
 	// space counts as used on disk: a full disk is noticed that much
 	// later, and the log stays writable until it is used.
 	Preallocate int64
+	// Witnesses are the second parties whose cosignatures AddCosignature
+	// stores (at most maxWitnesses, distinct names). A line by anyone
+	// else, or one that does not verify, is refused: a certificate of the
+	// auditor role must not be able to fill the log's disk or a
+	// checkpoint's cosignature slots. None: AddCosignature is refused.
+	Witnesses []*Verifier
 }
+
+// maxWitnesses bounds Options.Witnesses.
+const maxWitnesses = 16
 
 // defaultPreallocate is Options.Preallocate's default; extendStep is the
 // most the extender adds at once.
@@ -290,6 +299,18 @@ func Open(opts Options) (*Log, error) {
 		return nil, fmt.Errorf("audit: Options.Origin %q is empty or has a newline", opts.Origin)
 	case opts.Signer == nil:
 		return nil, errors.New("audit: Options.Signer is nil")
+	case len(opts.Witnesses) > maxWitnesses:
+		return nil, fmt.Errorf("audit: %d witnesses, more than %d", len(opts.Witnesses), maxWitnesses)
+	}
+	for i, w := range opts.Witnesses {
+		switch {
+		case w == nil:
+			return nil, fmt.Errorf("audit: Options.Witnesses[%d] is nil", i)
+		case w.name == opts.Signer.Name():
+			return nil, fmt.Errorf("audit: witness %q has the log's own key name", w.name)
+		case slices.ContainsFunc(opts.Witnesses[:i], func(o *Verifier) bool { return o.name == w.name }):
+			return nil, fmt.Errorf("audit: two witnesses named %q", w.name)
+		}
 	}
 	if opts.CheckpointInterval <= 0 {
 		opts.CheckpointInterval = time.Second
@@ -1113,10 +1134,15 @@ func (l *Log) publish() error {
 // AddCosignature stores a witness's cosignature of one of this log's
 // checkpoints. note is the checkpoint note with the witness's signature
 // lines appended (next.Note followed by the output of [Cosign]). It must
-// carry this log's valid signatures and match the log at its size; the
-// other signature lines are stored, beside the checkpoints, as they are:
-// whoever trusts the witness checks them with the witness's verifier.
+// carry this log's valid signatures and match the log at its size, and
+// every other signature line must be one of a witness in
+// Options.Witnesses that verifies over the checkpoint's text, with each
+// witness's Ed25519 and ML-DSA-65 halves together; anything else is
+// refused (ErrCheckpoint) and nothing is stored.
 func (l *Log) AddCosignature(note []byte) error {
+	if len(l.opts.Witnesses) == 0 {
+		return fmt.Errorf("%w: this log has no witness configured (audit.witnesses): cosignatures are not taken", ErrCheckpoint)
+	}
 	cp, err := ParseCheckpoint(note, l.verifier)
 	if err != nil {
 		return err
@@ -1131,8 +1157,21 @@ func (l *Log) AddCosignature(note []byte) error {
 	if !bytes.Equal(root, cp.Root) {
 		return fmt.Errorf("%w: root does not match this log at size %d", ErrCheckpoint, cp.Size)
 	}
-	_, sigs, err := splitNote(note)
+	text, sigs, err := splitNote(note)
 	if err != nil {
+		return err
+	}
+	var cosigs []noteSig
+	for _, s := range sigs {
+		if s.name == l.verifier.name && (s.id == l.verifier.edID || s.id == l.verifier.mlID) {
+			continue
+		}
+		cosigs = append(cosigs, s)
+	}
+	if len(cosigs) == 0 {
+		return fmt.Errorf("%w: no cosignature in the note", ErrCheckpoint)
+	}
+	if err := verifyCosignatures(text, cosigs, l.opts.Witnesses); err != nil {
 		return err
 	}
 	l.coMu.Lock()
@@ -1140,10 +1179,7 @@ func (l *Log) AddCosignature(note []byte) error {
 	have := l.cosigs[cp.Size]
 	var lines []byte
 	var added [][]byte
-	for _, s := range sigs {
-		if s.name == l.verifier.name && (s.id == l.verifier.edID || s.id == l.verifier.mlID) {
-			continue
-		}
+	for _, s := range cosigs {
 		line := []byte(s.line)
 		if slices.ContainsFunc(have, func(h []byte) bool { return bytes.Equal(h, line) }) ||
 			slices.ContainsFunc(added, func(h []byte) bool { return bytes.Equal(h, line) }) {
@@ -1153,14 +1189,9 @@ func (l *Log) AddCosignature(note []byte) error {
 		added = append(added, line)
 	}
 	if len(lines) == 0 {
-		if len(have) > 0 {
-			return nil
-		}
-		return fmt.Errorf("%w: no cosignature in the note", ErrCheckpoint)
+		return nil
 	}
 	if len(have)+len(added) > maxCosignatures {
-		// The log cannot check a witness's signature (it does not know the
-		// witness keys), so it bounds what one checkpoint can accumulate.
 		return fmt.Errorf("%w: more than %d cosignature lines for size %d", ErrCheckpoint, maxCosignatures, cp.Size)
 	}
 	rec := appendRecord(nil, append(strconv.AppendUint(nil, cp.Size, 10), append([]byte{'\n'}, lines...)...))

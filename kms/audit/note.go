@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -376,4 +377,43 @@ func parseSigLine(line string) (noteSig, error) {
 		return noteSig{}, fmt.Errorf("%w: malformed signature", ErrCheckpoint)
 	}
 	return noteSig{name: name, id: binary.BigEndian.Uint32(raw), sig: raw[4:], line: line + "\n"}, nil
+}
+
+// verifyCosignatures checks that every line of sigs is a signature over
+// text by one of witnesses, and that each witness signing gave both its
+// Ed25519 and its ML-DSA-65 signature.
+func verifyCosignatures(text []byte, sigs []noteSig, witnesses []*Verifier) error {
+	type halves struct{ ed, ml bool }
+	seen := map[*Verifier]*halves{}
+	for _, s := range sigs {
+		i := slices.IndexFunc(witnesses, func(w *Verifier) bool {
+			return w.name == s.name && (s.id == w.edID || s.id == w.mlID)
+		})
+		if i < 0 {
+			return fmt.Errorf("%w: a signature by %q (key id %08x) is not by a configured witness", ErrCheckpoint, s.name, s.id)
+		}
+		w := witnesses[i]
+		h := seen[w]
+		if h == nil {
+			h = &halves{}
+			seen[w] = h
+		}
+		if s.id == w.edID {
+			if !ed25519.Verify(w.edPub, text, s.sig) {
+				return fmt.Errorf("%w: witness %s: Ed25519 cosignature does not verify", ErrCheckpoint, w.name)
+			}
+			h.ed = true
+		} else {
+			if !mldsa65.Verify(w.mlPub, text, nil, s.sig) {
+				return fmt.Errorf("%w: witness %s: ML-DSA-65 cosignature does not verify", ErrCheckpoint, w.name)
+			}
+			h.ml = true
+		}
+	}
+	for w, h := range seen {
+		if !h.ed || !h.ml {
+			return fmt.Errorf("%w: witness %s: the Ed25519 and ML-DSA-65 cosignatures go together", ErrCheckpoint, w.name)
+		}
+	}
+	return nil
 }

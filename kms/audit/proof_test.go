@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -80,12 +81,14 @@ func TestConsistencyProofs(t *testing.T) {
 
 func TestWitnessCosign(t *testing.T) {
 	dir := t.TempDir()
-	l := openTestLog(t, testOptions(t, dir))
-	logV := testSigner(t).Verifier()
 	witness, err := GenerateSigner("witness.example")
 	if err != nil {
 		t.Fatal(err)
 	}
+	opts := testOptions(t, dir)
+	opts.Witnesses = []*Verifier{witness.Verifier()}
+	l := openTestLog(t, opts)
+	logV := testSigner(t).Verifier()
 
 	appendN(t, l, 10)
 	if err := l.publish(); err != nil {
@@ -166,5 +169,96 @@ func TestWitnessCosign(t *testing.T) {
 	fsig, _ := Cosign(witness, nil, forked, nil, logV)
 	if err := l.AddCosignature(append(bytes.Clone(forked.Note), fsig...)); !errors.Is(err, ErrCheckpoint) {
 		t.Fatalf("AddCosignature of a fork: %v", err)
+	}
+}
+
+// TestCosignatureRefusals: the log stores only cosignatures that verify
+// under a configured witness, both halves together; anything else is
+// refused and stores nothing, so that an auditor certificate cannot fill
+// the disk or a checkpoint's slots with lines of its own.
+func TestCosignatureRefusals(t *testing.T) {
+	witness, err := GenerateSigner("witness.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := GenerateSigner("stranger.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logV := testSigner(t).Verifier()
+
+	// No witness configured: no cosignature is taken.
+	bare := openTestLog(t, testOptions(t, t.TempDir()))
+	appendN(t, bare, 2)
+	cp, err := bare.PublishCheckpoint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := Cosign(witness, nil, cp, nil, logV)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bare.AddCosignature(append(bytes.Clone(cp.Note), sig...)); !errors.Is(err, ErrCheckpoint) || !strings.Contains(err.Error(), "no witness configured") {
+		t.Fatalf("cosignature with no witness configured: %v", err)
+	}
+
+	opts := testOptions(t, t.TempDir())
+	opts.Witnesses = []*Verifier{witness.Verifier()}
+	l := openTestLog(t, opts)
+	appendN(t, l, 2)
+	if cp, err = l.PublishCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	good, err := Cosign(witness, nil, cp, nil, logV)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goodLines := strings.SplitAfter(string(good), "\n")
+	edLine, mlLine := goodLines[0], goodLines[1]
+	if len(edLine) > len(mlLine) {
+		edLine, mlLine = mlLine, edLine
+	}
+	strange, err := Cosign(stranger, nil, cp, nil, logV)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A line of the right witness whose signature bytes were changed.
+	forged := []byte(mlLine)
+	forged[len(forged)-3] ^= 'A' ^ 'B'
+	junk := "— witness.example " + strings.Repeat("A", 16<<10) + "\n"
+	for name, lines := range map[string]string{
+		"unknown witness":      string(strange),
+		"forged signature":     edLine + string(forged),
+		"Ed25519 half alone":   edLine,
+		"ML-DSA-65 half alone": mlLine,
+		"good and unknown":     string(good) + string(strange),
+		"junk line":            junk,
+	} {
+		if err := l.AddCosignature(append(bytes.Clone(cp.Note), lines...)); !errors.Is(err, ErrCheckpoint) {
+			t.Errorf("%s: %v, want ErrCheckpoint", name, err)
+		}
+	}
+	if got, _ := l.Cosignatures(cp.Size); len(got) != 0 {
+		t.Fatalf("refused cosignatures left %d lines", len(got))
+	}
+	if err := l.AddCosignature(append(bytes.Clone(cp.Note), good...)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := l.Cosignatures(cp.Size); len(got) != 2 {
+		t.Fatalf("%d lines stored, want the witness's 2", len(got))
+	}
+
+	// Open checks the witness list.
+	for name, ws := range map[string][]*Verifier{
+		"duplicate name": {witness.Verifier(), witness.Verifier()},
+		"the log's key":  {logV},
+		"nil":            {nil},
+	} {
+		o := testOptions(t, t.TempDir())
+		o.Witnesses = ws
+		if l, err := Open(o); err == nil {
+			l.Close()
+			t.Errorf("%s: Open accepted the witnesses", name)
+		}
 	}
 }

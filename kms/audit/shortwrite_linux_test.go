@@ -42,15 +42,16 @@ func withFileSizeLimit(t *testing.T, limit uint64, fn func()) {
 // reopening the log.
 func TestCosignatureShortWrite(t *testing.T) {
 	dir := t.TempDir()
-	opts := testOptions(t, dir)
-	opts.Preallocate = -1 // no background writes while the limit is low
-	l := openTestLog(t, opts)
-	appendN(t, l, 3)
-	cp, err := l.PublishCheckpoint()
+	witness, err := GenerateSigner("witness")
 	if err != nil {
 		t.Fatal(err)
 	}
-	witness, err := GenerateSigner("witness")
+	opts := testOptions(t, dir)
+	opts.Preallocate = -1 // no background writes while the limit is low
+	opts.Witnesses = []*Verifier{witness.Verifier()}
+	l := openTestLog(t, opts)
+	appendN(t, l, 3)
+	cp, err := l.PublishCheckpoint()
 	if err != nil {
 		t.Fatal(err)
 	}
