@@ -54,6 +54,7 @@ type Root interface {
 type Attributes struct {
 	Token            bool
 	Private          bool
+	Modifiable       bool
 	Sensitive        bool
 	Extractable      bool
 	AlwaysSensitive  bool

@@ -96,8 +96,12 @@ type AdminKeyAttributes struct {
 // (encrypt/decrypt only, sensitive, never extractable) and a private data
 // object holding a fresh ML-DSA-65 seed encrypted by that AES key with
 // CKM_AES_GCM inside the token. The seed exists in memory only while it is
-// encrypted and is then zeroized. All objects share one CKA_ID (the URI's
-// id, or 16 random bytes).
+// encrypted and is then zeroized. The three keys share one CKA_ID (the
+// URI's id, or 16 random bytes). PKCS#11 gives data objects no CKA_ID (SoftHSM
+// refuses one with CKR_ATTRIBUTE_TYPE_INVALID), so the seed object is found
+// by its label and bound to the keys by the associated data of its
+// encryption, which holds the label, that CKA_ID and the Ed25519 public key:
+// a seed object of any other key does not decrypt.
 //
 // If any object already carries one of the labels (or the URI's id) it
 // returns an error wrapping [hsm.ErrKeyExists] and changes nothing. If the
@@ -340,6 +344,9 @@ func (k *AdminKey) load(uriID []byte) error {
 	if k.kek, err = one("seed AES key", hs, ferr); err != nil {
 		return err
 	}
+	// A data object has no CKA_ID to search by (see GenerateAdminKey);
+	// withSeed below refuses a seed object not sealed for this label, id
+	// and public key.
 	hs, ferr = s.find(p11.CKO_DATA, noKeyType, k.label+adminSeedSuffix, nil)
 	if k.data, err = one("sealed seed data object", hs, ferr); err != nil {
 		return err
@@ -606,7 +613,8 @@ func (s session) attribute(h objectHandle, typ uint) ([]byte, error) {
 }
 
 // createSeedObject stores the sealed seed as a private, unmodifiable data
-// object on the token.
+// object on the token. It carries no CKA_ID: PKCS#11 defines none for data
+// objects (adminSeedAAD ties it to its key instead).
 func (s session) createSeedObject(label string, value []byte) (objectHandle, error) {
 	tmpl := []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_DATA),
@@ -645,7 +653,7 @@ func (s session) signEdDSA(key objectHandle, msg []byte) ([]byte, error) {
 // (attributes() also asks for CKA_VALUE_LEN, which EC keys do not have).
 func (s session) boolAttributes(key objectHandle) (hsm.Attributes, error) {
 	types := []uint{
-		p11.CKA_TOKEN, p11.CKA_PRIVATE, p11.CKA_SENSITIVE, p11.CKA_EXTRACTABLE,
+		p11.CKA_TOKEN, p11.CKA_PRIVATE, p11.CKA_MODIFIABLE, p11.CKA_SENSITIVE, p11.CKA_EXTRACTABLE,
 		p11.CKA_ALWAYS_SENSITIVE, p11.CKA_NEVER_EXTRACTABLE, p11.CKA_DECRYPT,
 		p11.CKA_UNWRAP, p11.CKA_SIGN, p11.CKA_DERIVE,
 	}
@@ -664,6 +672,8 @@ func (s session) boolAttributes(key objectHandle) (hsm.Attributes, error) {
 			a.Token = b
 		case p11.CKA_PRIVATE:
 			a.Private = b
+		case p11.CKA_MODIFIABLE:
+			a.Modifiable = b
 		case p11.CKA_SENSITIVE:
 			a.Sensitive = b
 		case p11.CKA_EXTRACTABLE:

@@ -54,7 +54,7 @@ func TestRootAttributes(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := hsm.Attributes{
-		Token: true, Private: true, Sensitive: true, Extractable: false,
+		Token: true, Private: true, Modifiable: false, Sensitive: true, Extractable: false,
 		AlwaysSensitive: true, NeverExtractable: true,
 		Encrypt: true, Decrypt: true, Wrap: false, Unwrap: false,
 		Sign: false, Verify: false, Derive: false, ValueLen: 32,
@@ -83,6 +83,8 @@ func TestRootAttributes(t *testing.T) {
 		t.Fatalf("FindObjects: %v, %d objects", err, len(hs))
 	}
 	got, err := c.GetAttributeValue(sh, hs[0], []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_TOKEN, nil),
+		p11.NewAttribute(p11.CKA_PRIVATE, nil),
 		p11.NewAttribute(p11.CKA_SENSITIVE, nil),
 		p11.NewAttribute(p11.CKA_EXTRACTABLE, nil),
 		p11.NewAttribute(p11.CKA_NEVER_EXTRACTABLE, nil),
@@ -96,7 +98,7 @@ func TestRootAttributes(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantBool := map[uint]bool{
-		p11.CKA_SENSITIVE: true, p11.CKA_EXTRACTABLE: false, p11.CKA_NEVER_EXTRACTABLE: true,
+		p11.CKA_TOKEN: true, p11.CKA_PRIVATE: true, p11.CKA_SENSITIVE: true, p11.CKA_EXTRACTABLE: false, p11.CKA_NEVER_EXTRACTABLE: true,
 		p11.CKA_ALWAYS_SENSITIVE: true, p11.CKA_WRAP: false, p11.CKA_UNWRAP: false, p11.CKA_MODIFIABLE: false,
 	}
 	for _, at := range got {
@@ -168,6 +170,16 @@ func TestRootAttributesPkcs11Tool(t *testing.T) {
 	if err == nil {
 		t.Errorf("pkcs11-tool read the key value:\n%s", out)
 	}
+
+	// CKA_PRIVATE, seen from outside: without logging in, another process
+	// does not even see the key.
+	out, err = exec.Command(tool, "--module", hsmtest.Module, "--token-label", testToken, "--list-objects", "--type", "secrkey").CombinedOutput()
+	if err != nil {
+		t.Fatalf("pkcs11-tool --list-objects without login: %v\n%s", err, out)
+	}
+	if strings.Contains(string(out), "Secret Key Object") {
+		t.Errorf("pkcs11-tool lists the key without logging in (CKA_PRIVATE is false):\n%s", out)
+	}
 }
 
 func usageLine(s string) string {
@@ -210,6 +222,8 @@ func TestOpenRefusesUnsafeKey(t *testing.T) {
 	safe := []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_SENSITIVE, true), p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
 		p11.NewAttribute(p11.CKA_WRAP, false), p11.NewAttribute(p11.CKA_UNWRAP, false), p11.NewAttribute(p11.CKA_DERIVE, false),
+		// SoftHSM defaults CKA_MODIFIABLE to true.
+		p11.NewAttribute(p11.CKA_PRIVATE, true), p11.NewAttribute(p11.CKA_MODIFIABLE, false),
 	}
 	gen("defaults", p11.NewAttribute(p11.CKA_VALUE_LEN, 32)) // SoftHSM's permissive defaults
 	gen("aes128", append(safe, p11.NewAttribute(p11.CKA_VALUE_LEN, 16))...)
@@ -234,6 +248,82 @@ func TestOpenRefusesUnsafeKey(t *testing.T) {
 	r, err := pkcs11.Open(context.Background(), pkcs11.Config{URI: e.s.RootURI(testToken, "ok", e.pin)})
 	if err != nil {
 		t.Fatalf("Open of a safe key: %v", err)
+	}
+	mustClose(t, r)
+}
+
+// TestOpenRefusesPublicOrModifiableKey puts on the token, as a vendor tool
+// might, AES-256 keys that are right in every respect but one of
+// CKA_PRIVATE, CKA_MODIFIABLE and CKA_TOKEN, and checks that Open refuses
+// each and names the attribute. A public root can be used by any process
+// on the host without the PIN.
+func TestOpenRefusesPublicOrModifiableKey(t *testing.T) {
+	e := newEnv(t)
+	// A Root on another key keeps the library initialised and the process
+	// logged in to the token, so that the session object below lives on.
+	create(t, pkcs11.Config{URI: e.s.RootURI(testToken, "good", e.pin)})
+
+	c := foreign(t)
+	sh, err := c.OpenSession(slotOf(t, c, testToken), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseSession(sh)
+	// gen makes a key with the root template, label and override changed.
+	gen := func(label string, override *p11.Attribute) {
+		t.Helper()
+		tmpl := []*p11.Attribute{
+			p11.NewAttribute(p11.CKA_CLASS, p11.CKO_SECRET_KEY),
+			p11.NewAttribute(p11.CKA_KEY_TYPE, p11.CKK_AES),
+			p11.NewAttribute(p11.CKA_VALUE_LEN, 32),
+			p11.NewAttribute(p11.CKA_TOKEN, true),
+			p11.NewAttribute(p11.CKA_PRIVATE, true),
+			p11.NewAttribute(p11.CKA_MODIFIABLE, false),
+			p11.NewAttribute(p11.CKA_SENSITIVE, true),
+			p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
+			p11.NewAttribute(p11.CKA_ENCRYPT, true),
+			p11.NewAttribute(p11.CKA_DECRYPT, true),
+			p11.NewAttribute(p11.CKA_WRAP, false),
+			p11.NewAttribute(p11.CKA_UNWRAP, false),
+			p11.NewAttribute(p11.CKA_SIGN, false),
+			p11.NewAttribute(p11.CKA_VERIFY, false),
+			p11.NewAttribute(p11.CKA_DERIVE, false),
+			p11.NewAttribute(p11.CKA_LABEL, label),
+		}
+		if override != nil {
+			for i, a := range tmpl {
+				if a.Type == override.Type {
+					tmpl[i] = override
+				}
+			}
+		}
+		if _, err := c.GenerateKey(sh, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_KEY_GEN, nil)}, tmpl); err != nil {
+			t.Fatalf("GenerateKey(%s): %v", label, err)
+		}
+	}
+	gen("public", p11.NewAttribute(p11.CKA_PRIVATE, false))
+	gen("modifiable", p11.NewAttribute(p11.CKA_MODIFIABLE, true))
+	gen("session", p11.NewAttribute(p11.CKA_TOKEN, false)) // lives as long as sh
+	gen("ok", nil)
+
+	for _, tc := range []struct{ label, want string }{
+		{"public", "CKA_PRIVATE is false"},
+		{"modifiable", "CKA_MODIFIABLE is true"},
+		{"session", "CKA_TOKEN is false"},
+	} {
+		r, err := pkcs11.Open(context.Background(), pkcs11.Config{URI: e.s.RootURI(testToken, tc.label, e.pin)})
+		if err == nil {
+			mustClose(t, r)
+			t.Errorf("Open(%s) accepted an unsafe key", tc.label)
+			continue
+		}
+		if !strings.Contains(err.Error(), "not safe") || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Open(%s): %v; want it to say %q", tc.label, err, tc.want)
+		}
+	}
+	r, err := pkcs11.Open(context.Background(), pkcs11.Config{URI: e.s.RootURI(testToken, "ok", e.pin)})
+	if err != nil {
+		t.Fatalf("Open of the same key with every attribute right: %v", err)
 	}
 	mustClose(t, r)
 }

@@ -21,10 +21,11 @@
 // # Root keys
 //
 // [CreateRoot] generates an AES-256 key on the token with every security
-// attribute set explicitly (sensitive, never extractable, encrypt and decrypt
-// only). [Open] and every reconnect read the attributes back and refuse a
-// key that is extractable, not sensitive, not AES-256, or able to wrap,
-// unwrap or derive.
+// attribute set explicitly (token, private, not modifiable, sensitive, never
+// extractable, encrypt and decrypt only). [Open] and every reconnect read the
+// attributes back and refuse a key that is a session object, public (usable
+// without logging in), modifiable, extractable, not sensitive, not AES-256,
+// or able to wrap, unwrap or derive.
 //
 // # Availability
 //

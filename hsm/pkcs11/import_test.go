@@ -81,7 +81,7 @@ func TestImportRootAttributes(t *testing.T) {
 	// ALWAYS_SENSITIVE and NEVER_EXTRACTABLE are false for any imported
 	// key (PKCS#11 v2.40 §4.10): the token did not see its whole life.
 	want := hsm.Attributes{
-		Token: true, Private: true, Sensitive: true, Extractable: false,
+		Token: true, Private: true, Modifiable: false, Sensitive: true, Extractable: false,
 		AlwaysSensitive: false, NeverExtractable: false,
 		Encrypt: true, Decrypt: true, ValueLen: 32,
 	}
@@ -116,6 +116,17 @@ func TestImportRootAttributes(t *testing.T) {
 	got, err := c.GetAttributeValue(sh, hs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_ID, nil)})
 	if err != nil || len(got) != 1 || len(got[0].Value) != 16 {
 		t.Errorf("CKA_ID: %v, %v; want 16 random bytes", got, err)
+	}
+	got, err = c.GetAttributeValue(sh, hs[0], []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_TOKEN, nil), p11.NewAttribute(p11.CKA_PRIVATE, nil), p11.NewAttribute(p11.CKA_MODIFIABLE, nil),
+	})
+	if err != nil || len(got) != 3 {
+		t.Fatalf("GetAttributeValue: %v", err)
+	}
+	for i, want := range []byte{1, 1, 0} {
+		if !bytes.Equal(got[i].Value, []byte{want}) {
+			t.Errorf("attribute 0x%x = %x, want %x", got[i].Type, got[i].Value, want)
+		}
 	}
 }
 

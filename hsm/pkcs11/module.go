@@ -434,7 +434,7 @@ func (s session) decryptGCM(key objectHandle, iv, aad, ct []byte) ([]byte, error
 // attributes reads back the security-relevant attributes of key.
 func (s session) attributes(key objectHandle) (hsm.Attributes, error) {
 	types := []uint{
-		p11.CKA_TOKEN, p11.CKA_PRIVATE, p11.CKA_SENSITIVE, p11.CKA_EXTRACTABLE,
+		p11.CKA_TOKEN, p11.CKA_PRIVATE, p11.CKA_MODIFIABLE, p11.CKA_SENSITIVE, p11.CKA_EXTRACTABLE,
 		p11.CKA_ALWAYS_SENSITIVE, p11.CKA_NEVER_EXTRACTABLE, p11.CKA_ENCRYPT, p11.CKA_DECRYPT,
 		p11.CKA_WRAP, p11.CKA_UNWRAP, p11.CKA_SIGN, p11.CKA_VERIFY, p11.CKA_DERIVE, p11.CKA_VALUE_LEN,
 	}
@@ -470,6 +470,8 @@ func (s session) attributes(key objectHandle) (hsm.Attributes, error) {
 			a.Token = v
 		case p11.CKA_PRIVATE:
 			a.Private = v
+		case p11.CKA_MODIFIABLE:
+			a.Modifiable = v
 		case p11.CKA_SENSITIVE:
 			a.Sensitive = v
 		case p11.CKA_EXTRACTABLE:

@@ -432,13 +432,31 @@ func (r *Root) createKey(s session, slot uint, what, verb string, want hsm.Attri
 
 // generated is what a key made by generateRootKey must read back as.
 var generated = hsm.Attributes{
-	Token: true, Private: true, Sensitive: true, AlwaysSensitive: true, NeverExtractable: true,
+	Token: true, Private: true, Modifiable: false, Sensitive: true, AlwaysSensitive: true, NeverExtractable: true,
 	Encrypt: true, Decrypt: true, ValueLen: 32,
 }
 
 // unsafeRoot says what makes a key unfit to be a root, or "" if nothing.
+// It applies to every key Open finds, whoever made it (vendor tools
+// included), and again at every reconnect.
 func unsafeRoot(a hsm.Attributes) string {
 	var p []string
+	if !a.Token {
+		// A session object vanishes with its session: not a root anyone
+		// can rely on, and not one made in a ceremony.
+		p = append(p, "CKA_TOKEN is false")
+	}
+	if !a.Private {
+		// A public key is usable from a session that never logged in:
+		// any local process could then C_Decrypt wrapped KEKs without
+		// the PIN.
+		p = append(p, "CKA_PRIVATE is false")
+	}
+	if a.Modifiable {
+		// Whoever holds the PIN could turn on CKA_WRAP, CKA_UNWRAP or
+		// CKA_DERIVE after these checks, between two reconnects.
+		p = append(p, "CKA_MODIFIABLE is true")
+	}
 	if !a.Sensitive {
 		p = append(p, "CKA_SENSITIVE is false")
 	}
