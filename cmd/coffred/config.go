@@ -96,7 +96,8 @@ const (
 //	keepalive.ping_interval      the server pings an idle connection after, 10s..24h (default "5m")
 //	keepalive.ping_timeout       and closes it if no answer within, 1s..10m (default "20s")
 //	keepalive.max_connection_idle  close connections idle for, 1s..24h (default "15m")
-//	keepalive.max_connection_age   close connections older than, "0s" (never) or 1s..720h (default "0s")
+//	keepalive.max_connection_age   close connections older than, "0s" (never) or 1s..720h (default "0s");
+//	                             calls still running then get limits.shutdown_grace
 //	attestation.session_ttl      how long a session lasts after attestation, 1m..24h (default "10m")
 //	attestation.challenge_ttl    how long a challenge waits for its evidence, 5s..10m (default "1m")
 //	attestation.max_sessions     sessions held in memory, 1..1000000 (default 10000)

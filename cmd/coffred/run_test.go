@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
@@ -222,6 +223,14 @@ func TestDevEndToEnd(t *testing.T) {
 	}
 	if _, err := coffrev1.NewAdminServiceClient(anon).ListKeyrings(callCtx(t), &coffrev1.ListKeyringsRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("admin call without client certificate: got %v, want Unauthenticated", err)
+	}
+	// Headers are bounded too, before any certificate is asked for.
+	big := metadata.AppendToOutgoingContext(callCtx(t), "coffre-session", strings.Repeat("a", 64<<10))
+	if _, err := healthpb.NewHealthClient(anon).Check(big, &healthpb.HealthCheckRequest{}); err == nil {
+		t.Fatal("a call with 64 KiB of headers was served")
+	}
+	if _, err := healthpb.NewHealthClient(anon).Check(callCtx(t), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("health after the refused headers: %v", err)
 	}
 	conn.Close()
 	anon.Close()

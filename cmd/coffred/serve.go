@@ -232,6 +232,13 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 
 // grpcOptions turns the transport part of the configuration into
 // grpc.ServerOptions.
+// maxHeaderListBytes bounds the headers (metadata) of one call, which are
+// read before any interceptor runs and, on health, attestation and key
+// calls, from callers without a certificate. Coffre's own are a session
+// token, a request id and gRPC's: well under 1 KiB. grpc-go's default is
+// 16 MiB per stream, times max_concurrent_streams per connection.
+const maxHeaderListBytes = 16 << 10
+
 func grpcOptions(cfg *Config) []grpc.ServerOption {
 	tlsCfg := &tls.Config{
 		MinVersion:   tls.VersionTLS13,
@@ -244,6 +251,7 @@ func grpcOptions(cfg *Config) []grpc.ServerOption {
 	}
 	return []grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.MaxHeaderListSize(maxHeaderListBytes),
 		grpc.MaxRecvMsgSize(cfg.Limits.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.Limits.MaxMessageBytes),
 		grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
@@ -257,8 +265,13 @@ func grpcOptions(cfg *Config) []grpc.ServerOption {
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionIdle: cfg.Keepalive.MaxConnectionIdle,
 			MaxConnectionAge:  cfg.Keepalive.MaxConnectionAge,
-			Time:              cfg.Keepalive.PingInterval,
-			Timeout:           cfg.Keepalive.PingTimeout,
+			// Calls still running when a connection reaches its age (an
+			// audit Stream, a health Watch: they carry no deadline) get the
+			// shutdown grace, then the connection closes; the client
+			// reconnects and resumes.
+			MaxConnectionAgeGrace: cfg.Limits.ShutdownGrace,
+			Time:                  cfg.Keepalive.PingInterval,
+			Timeout:               cfg.Keepalive.PingTimeout,
 		}),
 	}
 }
