@@ -274,11 +274,12 @@ func ceremonyInitRecoverable(ctx context.Context, e *env, root, auditDir string,
 	}
 	if e.g.json {
 		return json.NewEncoder(e.stdout).Encode(map[string]any{
-			"root": r.ID(), "ceremony": cid, "threshold": m, "total": n, "shares": paths,
+			"root": r.ID(), "ceremony": cid, "commitment": hex.EncodeToString(shares[0].Commitment), "threshold": m, "total": n, "shares": paths,
 			"custodians": cust, "attributes": attrs, "audit_dir": auditDir,
 		})
 	}
 	fmt.Fprintf(e.stdout, "created recoverable root key %s (ceremony %s)\n", r.ID(), cid)
+	fmt.Fprintf(e.stdout, "  root commitment %x: record it with the ceremony; restore prints it back\n", shares[0].Commitment)
 	fmt.Fprintf(e.stdout, "  AES-%d in the HSM: sensitive, not extractable, encrypt/decrypt only (no wrap/unwrap); self-test passed\n", attrs.ValueLen*8)
 	fmt.Fprintf(e.stdout, "  %d-of-%d custodian shares:\n", m, n)
 	for i, pth := range paths {
@@ -416,11 +417,12 @@ func ceremonyRestore(ctx context.Context, e *env, root, auditDir string, shareFi
 	}
 	if e.g.json {
 		return json.NewEncoder(e.stdout).Encode(map[string]any{
-			"root": r.ID(), "ceremony": cid, "original_root": first.Root, "shares_used": openedIndexList(opened),
+			"root": r.ID(), "ceremony": cid, "commitment": hex.EncodeToString(first.Commitment), "original_root": first.Root, "shares_used": openedIndexList(opened),
 			"threshold": first.Threshold, "total": first.Total, "attributes": attrs, "self_test": "passed", "audit_dir": auditDir,
 		})
 	}
 	fmt.Fprintf(e.stdout, "restored root key %s from shares %s of ceremony %s (%d-of-%d)\n", r.ID(), openedIndices(opened), cid, first.Threshold, first.Total)
+	fmt.Fprintf(e.stdout, "  root commitment %x: compare it with the record of the ceremony (the shares carry it themselves)\n", first.Commitment)
 	fmt.Fprintf(e.stdout, "  AES-%d in the HSM: sensitive, not extractable, encrypt/decrypt only (no wrap/unwrap); self-test passed\n", attrs.ValueLen*8)
 	return nil
 }
