@@ -138,7 +138,8 @@ type ReleaseService struct {
 	chMu       sync.Mutex
 	challenges map[string]*list.Element // of *pendingChallenge, by ID
 	chOrder    *list.List               // oldest first: challenges share one TTL
-	rate       map[string]*rateWindow   // by EK fingerprint
+	rate       map[string]*rateWindow   // by EK fingerprint and caller address
+	rateSwept  time.Time                // when rate was last swept of stale windows
 
 	sessMu   sync.RWMutex
 	sessions map[[32]byte]*session // by SHA-256 of the token

@@ -622,20 +622,33 @@ func TestChallengeStore(t *testing.T) {
 		}
 	}
 
-	// The per-EK rate: 3 a minute.
+	// The per-EK rate: 3 a minute from one address.
 	for i := range 3 {
-		if !f.rel.allowChallenge("ek1", now) {
+		if !f.rel.allowChallenge("ek1", "10.0.0.1", now) {
 			t.Fatalf("challenge %d refused", i)
 		}
 	}
-	if f.rel.allowChallenge("ek1", now.Add(59*time.Second)) {
+	if f.rel.allowChallenge("ek1", "10.0.0.1", now.Add(59*time.Second)) {
 		t.Fatal("fourth challenge in a minute allowed")
 	}
-	if !f.rel.allowChallenge("ek2", now) {
+	if !f.rel.allowChallenge("ek2", "10.0.0.1", now) {
 		t.Fatal("another EK was limited")
 	}
-	if !f.rel.allowChallenge("ek1", now.Add(time.Minute)) {
+	if !f.rel.allowChallenge("ek1", "10.0.0.2", now) {
+		t.Fatal("the same EK from another address was limited")
+	}
+	if !f.rel.allowChallenge("ek1", "10.0.0.1", now.Add(time.Minute)) {
 		t.Fatal("the next minute is still limited")
+	}
+	// A flood of EK and address pairs is bounded.
+	allowed := 0
+	for i := range maxRateWindows + 10 {
+		if f.rel.allowChallenge("ek1", fmt.Sprintf("10.1.%d.%d", i/256, i%256), now.Add(time.Minute)) {
+			allowed++
+		}
+	}
+	if len(f.rel.rate) > maxRateWindows || allowed >= maxRateWindows+10 {
+		t.Fatalf("%d windows kept, %d of %d challenges allowed", len(f.rel.rate), allowed, maxRateWindows+10)
 	}
 }
 

@@ -21,6 +21,8 @@ const (
 	sessionTokenSize = 32
 	// rateWindowLen is the window of ReleaseConfig.ChallengesPerEK.
 	rateWindowLen = time.Minute
+	// maxRateWindows bounds the EK and address pairs counted at once.
+	maxRateWindows = 1 << 16
 )
 
 // pendingChallenge is a challenge waiting for its evidence.
@@ -144,8 +146,8 @@ func (r *ReleaseService) Challenge(ctx context.Context, ekCert, ekPublic, akPubl
 	if class == nil {
 		return nil, r.deny(ctx, au, fmt.Errorf("%w: class %s of node %s does not exist", ErrFailedPrecondition, node.Class, node.Name))
 	}
-	if !r.allowChallenge(fp, now) {
-		return nil, r.deny(ctx, au, fmt.Errorf("%w: EK %s asked for more than %d challenges in a minute", ErrResourceExhausted, fp, r.cfg.ChallengesPerEK))
+	if !r.allowChallenge(fp, CallerAddress(ctx), now) {
+		return nil, r.deny(ctx, au, fmt.Errorf("%w: EK %s asked for more than %d challenges in a minute from %s", ErrResourceExhausted, fp, r.cfg.ChallengesPerEK, orUnknown(CallerAddress(ctx))))
 	}
 	if len(node.EKCertificate) > 0 {
 		der := ekCert
@@ -193,23 +195,40 @@ func heldTheTPM(err error) bool {
 	return !errors.Is(err, attest.ErrNonce) && !errors.Is(err, attest.ErrEK) && !errors.Is(err, attest.ErrSecret)
 }
 
+func orUnknown(addr string) string {
+	if addr == "" {
+		return "an unknown address"
+	}
+	return addr
+}
+
 // errNotSynced refuses to decide on release state that may be stale.
 var errNotSynced = fmt.Errorf("%w: release state is not in sync with the store", ErrUnavailable)
 
-// allowChallenge counts one challenge for EK fp in a fixed one-minute
-// window. Only enrolled EKs get here, so the map is bounded by the nodes;
-// stale windows are dropped as it grows.
-func (r *ReleaseService) allowChallenge(fp string, now time.Time) bool {
+// allowChallenge counts one challenge for EK fp asked from address addr
+// in a fixed one-minute window. The address is part of the key because a
+// challenge is asked before any proof that the caller holds the TPM: a
+// caller elsewhere that knows the EK's public key must not use up the
+// node's own budget. Only enrolled EKs get here; stale windows are dropped
+// as the map grows.
+func (r *ReleaseService) allowChallenge(fp, addr string, now time.Time) bool {
 	r.chMu.Lock()
 	defer r.chMu.Unlock()
+	fp = fp + " " + addr
 	w := r.rate[fp]
 	if w == nil || now.Sub(w.start) >= rateWindowLen || now.Before(w.start) {
-		if w == nil && len(r.rate) >= 1024 {
+		// Stale windows go as the map grows, in one sweep a second at
+		// most: a flood of new pairs must not cost a sweep each.
+		if w == nil && len(r.rate) >= 1024 && (now.Sub(r.rateSwept) >= time.Second || now.Before(r.rateSwept)) {
+			r.rateSwept = now
 			for k, v := range r.rate {
 				if now.Sub(v.start) >= rateWindowLen {
 					delete(r.rate, k)
 				}
 			}
+		}
+		if w == nil && len(r.rate) >= maxRateWindows {
+			return false // that many EK and address pairs in one minute: a flood
 		}
 		w = &rateWindow{start: now}
 		r.rate[fp] = w

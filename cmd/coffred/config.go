@@ -102,7 +102,7 @@ const (
 //	attestation.challenge_ttl    how long a challenge waits for its evidence, 5s..10m (default "1m")
 //	attestation.max_sessions     sessions held in memory, 1..1000000 (default 10000)
 //	attestation.max_challenges   challenges outstanding, 1..1000000 (default 10000)
-//	attestation.challenges_per_ek_per_minute  per-TPM challenge rate, 1..6000 (default 30)
+//	attestation.challenges_per_ek_per_minute  challenge rate per TPM and caller address, 1..6000 (default 30)
 //	audit.dir                    the audit log's directory (created if missing; its parent must exist)
 //	audit.signer_key_file        the checkpoint signer's private key (Ed25519 + ML-DSA-65), mode 0600
 //	audit.node_id                this node's id in every entry (default: the host name)

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"net"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -61,6 +62,18 @@ func callInfoFrom(ctx context.Context) *callInfo {
 	return ci
 }
 
+// callerIP is the IP of a peer address, or the whole address if it has no
+// port (a Unix socket).
+func callerIP(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	if host, _, err := net.SplitHostPort(a.String()); err == nil {
+		return host
+	}
+	return a.String()
+}
+
 func methodFrom(ctx context.Context) string {
 	m, _ := grpc.Method(ctx)
 	return m
@@ -74,6 +87,9 @@ func (s *Server) observe(ctx context.Context, method string, call func(context.C
 	ci := &callInfo{requestID: newRequestID()}
 	ctx = context.WithValue(ctx, callInfoKey{}, ci)
 	ctx = kms.WithRequestID(ctx, ci.requestID)
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		ctx = kms.WithCallerAddress(ctx, callerIP(p.Addr))
+	}
 	// Best effort: a stream whose header was sent already keeps the id in
 	// the log and the audit log only.
 	_ = grpc.SetHeader(ctx, metadata.Pairs(RequestIDMetadataKey, ci.requestID))

@@ -380,7 +380,14 @@ func TestReplayedChallengeAndRateLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = att.Challenge(ctx, &coffrev1.ChallengeRequest{EkPublic: n.a.EKPublic(), AkPublic: n.a.AKPublic()})
-	wantCode(t, err, codes.ResourceExhausted, "more than 3 challenges in a minute")
+	wantCode(t, err, codes.ResourceExhausted, "more than 3 challenges in a minute from 127.0.0.1")
+	// The budget is per EK and caller address: a caller elsewhere that
+	// knows the EK's public key (no secret) has used up its own, not the
+	// node's. Here the "node" is the one calling from 127.0.0.2.
+	elsewhere := coffrev1.NewAttestServiceClient(f.dialFrom(t, "127.0.0.2"))
+	if _, err := elsewhere.Challenge(ctx, &coffrev1.ChallengeRequest{EkPublic: n.a.EKPublic(), AkPublic: n.a.AKPublic()}); err != nil {
+		t.Fatalf("a challenge from another address after one address used up its budget: %v", err)
+	}
 	f.clock.Advance(time.Minute)
 	if _, err := att.Challenge(ctx, &coffrev1.ChallengeRequest{EkPublic: n.a.EKPublic(), AkPublic: n.a.AKPublic()}); err != nil {
 		t.Fatalf("the next minute: %v", err)

@@ -179,6 +179,21 @@ func (f *fixture) dial(t testing.TB, certs ...tls.Certificate) *grpc.ClientConn 
 	return conn
 }
 
+// dialFrom is dial from a given local loopback address (any 127.0.0.0/8
+// address is this host on Linux), for tests that need two callers.
+func (f *fixture) dialFrom(t testing.TB, localIP string) *grpc.ClientConn {
+	t.Helper()
+	tc := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: f.serverCA.pool}
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(localIP)}}
+	conn, err := grpc.NewClient(f.addr, grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 func callCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
