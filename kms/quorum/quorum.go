@@ -23,6 +23,16 @@
 // a crash while executing leaves it "executing", which is never re-run
 // (at most once) and shows in listings for the officers to look at.
 //
+// That compare-and-swap guards the proposal, not the rule: a quorum change
+// (an admin revoked, M raised) may land between the read of the rule that
+// counted the approvals and the swap. So once a proposal is "executing",
+// and no other decision can reach it, the engine reads the rule again and
+// counts the approvals under that rule; if they fall short, the proposal
+// goes back to "pending" without running (audited as "requeue") and waits
+// for more approvals from current admins. A quorum change landing after
+// that second read finds the proposal already executing, approved under
+// the rule then in force.
+//
 // Every step is first given to [Config.Audit]: if the audit entry cannot be
 // written the step does not happen (fail closed).
 //
@@ -243,6 +253,17 @@ func (c *Content) marshal() ([]byte, error) {
 	return marshalCanonical(cc)
 }
 
+// CanonicalArgs returns args in the canonical form [Engine.Propose] puts in
+// a proposal's content. A client compares it with the content it is
+// shown, to check that a proposal holds the operation it asked for.
+func CanonicalArgs(args any) (json.RawMessage, error) {
+	raw, err := marshalCanonical(args)
+	if err != nil {
+		return nil, fmt.Errorf("%w: arguments: %v", ErrInvalid, err)
+	}
+	return raw, nil
+}
+
 // marshalCanonical is encoding/json without HTML escaping and with
 // compacted raw messages: Go's encoder writes struct fields in declaration
 // order and map keys sorted, so equal values give equal bytes.
@@ -266,11 +287,16 @@ type Validator func(ctx context.Context, args json.RawMessage) error
 
 // Event is what the engine asks the auditor to record before each step.
 type Event struct {
-	Step     string // "propose", "approve", "reject", "execute", "executed", "failed", "init"
+	// Step is "init", "propose", "approve", "reject", "refuse" (a refused
+	// decision), "execute", "executed", "failed", or "requeue" (an
+	// approved proposal put back to pending without running because the
+	// rule changed before it ran; Reason says how).
+	Step     string
 	Proposal *Proposal
 	// Admin is who decided (approve/reject) or proposed.
 	Admin string
-	// Approvers lists "name (id)" of the approvals counted (execute).
+	// Approvers lists "name (id)" of the approvals counted under the rule
+	// in force (execute, executed, failed, requeue).
 	Approvers []string
 	Reason    string
 }
@@ -358,9 +384,9 @@ func (e *Engine) Propose(ctx context.Context, kind string, args any, proposer st
 	if err != nil {
 		return nil, err
 	}
-	raw, err := marshalCanonical(args)
+	raw, err := CanonicalArgs(args)
 	if err != nil {
-		return nil, fmt.Errorf("%w: arguments: %v", ErrInvalid, err)
+		return nil, err
 	}
 	if op.validate != nil {
 		if err := op.validate(ctx, raw); err != nil {
@@ -505,9 +531,12 @@ func (e *Engine) List(ctx context.Context, state string) ([]*Proposal, error) {
 }
 
 // Decide records admin's signed decision (Approve or Reject) on proposal
-// id. When the approvals of current admins reach the threshold, the
+// id. When the approvals of current admins reach the threshold, counted
+// again under the rule read once the proposal is marked executing, the
 // operation runs before Decide returns, and the returned proposal carries
-// its result. Every refusal is an error matched by a sentinel above.
+// its result; if the rule changed in between and the approvals no longer
+// reach it, the decision stays recorded and the returned proposal is
+// pending again. Every refusal is an error matched by a sentinel above.
 func (e *Engine) Decide(ctx context.Context, id, decision string, pub *identity.PublicKey, sig []byte) (*Proposal, error) {
 	p, err := e.decide(ctx, id, decision, pub, sig)
 	if err != nil && p == nil && !errors.Is(err, ErrUnavailable) {
@@ -562,6 +591,8 @@ func (e *Engine) decide(ctx context.Context, id, decision string, pub *identity.
 			Decision{AdminID: admin.ID, Name: admin.Name, Decision: decision, Signature: sig, Time: e.now().UTC()})
 		approvers := rule.counted(next.Approvals(), h, Approve)
 		rejecters := rule.counted(next.Rejections(), h, Reject)
+		// Executing is provisional: recount decides, under the rule as it
+		// is once no other decision can reach the proposal.
 		switch {
 		case decision == Approve && len(approvers) >= rule.Threshold:
 			next.State = StateExecuting
@@ -582,13 +613,49 @@ func (e *Engine) decide(ctx context.Context, id, decision string, pub *identity.
 		if next.State != StateExecuting {
 			return &next, nil
 		}
-		return e.execute(ctx, &next, newRev, approvers)
+		return e.recount(ctx, &next, newRev)
 	}
 	return nil, fmt.Errorf("%w: proposal %s changed %d times; try again", ErrUnavailable, id, maxCAS)
 }
 
-// execute runs p, which this caller moved to executing, and records the
-// outcome. It is reached once per proposal.
+// recount runs after this caller moved p to executing at revision rev. The
+// rule is read again and p's approvals counted under it: a quorum change
+// that landed since the count in decide (the swap guards only the
+// proposal) must not let approvals it revoked, or a threshold it raised,
+// be ignored. If they still reach the threshold p runs; if not, p goes back
+// to pending, audited first, and does not run. When that cannot be done
+// (the rule unreadable, the audit or the store failing) p stays executing,
+// never run, as after a crash; the proposal is returned with the error
+// because the decision itself was recorded.
+func (e *Engine) recount(ctx context.Context, p *Proposal, rev int64) (*Proposal, error) {
+	// The proposal is executing now: a caller hanging up must not leave
+	// it so for want of a read.
+	bg := context.WithoutCancel(ctx)
+	rule, _, err := e.loadRule(bg)
+	if err != nil {
+		return p, fmt.Errorf("proposal %s was approved, but the rule could not be read again, so it did not run and stays executing: %w", p.ID[:16], err)
+	}
+	p.Threshold = rule.Threshold
+	approvers := rule.counted(p.Approvals(), Hash(p.Content), Approve)
+	if len(approvers) >= rule.Threshold {
+		return e.execute(ctx, p, rev, approvers)
+	}
+	back := *p
+	back.State = StatePending
+	reason := fmt.Sprintf("the quorum changed before it ran (now version %d): %d of %d approvals count under it; not run, pending again",
+		rule.Version, len(approvers), rule.Threshold)
+	if err := e.auditStep(bg, Event{Step: "requeue", Proposal: &back, Approvers: approvers, Reason: reason}); err != nil {
+		return p, fmt.Errorf("proposal %s: %s, but stays executing: %w", p.ID[:16], reason, err)
+	}
+	if _, err := e.store.CompareAndSwap(bg, proposalPrefix+p.ID, rev, back.encode()); err != nil {
+		return p, fmt.Errorf("proposal %s: %s, but stays executing: %w", p.ID[:16], reason, storeErr(err))
+	}
+	return &back, nil
+}
+
+// execute runs p, which this caller moved to executing and recount found
+// still approved, and records the outcome. It is reached once per
+// proposal.
 func (e *Engine) execute(ctx context.Context, p *Proposal, rev int64, approvers []string) (*Proposal, error) {
 	op, ok := e.ops[p.Parsed.Kind]
 	var result json.RawMessage

@@ -17,17 +17,23 @@ import (
 
 type fixture struct {
 	e      *Engine
-	st     store.Store
+	st     store.Store // the engine's store (wrapped, if newFixtureOn wrapped it)
 	now    time.Time
 	keys   map[string]*identity.PrivateKey
 	mu     sync.Mutex
 	events []Event
-	runs   atomic.Int32
+	// failStep, when set, makes the audit of that step fail.
+	failStep string
+	runs     atomic.Int32
 }
 
 // newFixture makes an engine with admins alice, bob and carol, 2 of 3, and
 // a test operation "test.op" that counts its runs.
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T) *fixture { return newFixtureOn(t, nil) }
+
+// newFixtureOn is newFixture with the bbolt store wrapped by wrap (when not
+// nil) under the engine, to control an interleaving.
+func newFixtureOn(t *testing.T, wrap func(store.Store) store.Store) *fixture {
 	t.Helper()
 	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"), store.BoltOptions{})
 	if err != nil {
@@ -35,19 +41,10 @@ func newFixture(t *testing.T) *fixture {
 	}
 	t.Cleanup(func() { st.Close() })
 	f := &fixture{st: st, now: time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC), keys: map[string]*identity.PrivateKey{}}
-	f.e, err = New(Config{Store: st, Now: func() time.Time { return f.now }, Audit: func(_ context.Context, ev Event) error {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		f.events = append(f.events, ev)
-		return nil
-	}})
-	if err != nil {
-		t.Fatal(err)
+	if wrap != nil {
+		f.st = wrap(st)
 	}
-	f.e.Register("test.op", nil, func(_ context.Context, args json.RawMessage) (json.RawMessage, error) {
-		f.runs.Add(1)
-		return json.RawMessage(`{"ran":` + string(args) + `}`), nil
-	})
+	f.e = f.node(t)
 	var specs []AdminSpec
 	for _, name := range []string{"alice", "bob", "carol"} {
 		specs = append(specs, AdminSpec{Name: name, PublicKey: f.key(t, name).Public().String()})
@@ -56,6 +53,29 @@ func newFixture(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	return f
+}
+
+// node returns an engine on the fixture's store, clock and audit, with
+// "test.op": what another Coffre node sharing the store runs.
+func (f *fixture) node(t *testing.T) *Engine {
+	t.Helper()
+	e, err := New(Config{Store: f.st, Now: func() time.Time { return f.now }, Audit: func(_ context.Context, ev Event) error {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if ev.Step == f.failStep {
+			return errors.New("audit log full")
+		}
+		f.events = append(f.events, ev)
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Register("test.op", nil, func(_ context.Context, args json.RawMessage) (json.RawMessage, error) {
+		f.runs.Add(1)
+		return json.RawMessage(`{"ran":` + string(args) + `}`), nil
+	})
+	return e
 }
 
 func (f *fixture) key(t *testing.T, name string) *identity.PrivateKey {
@@ -296,12 +316,10 @@ func TestQuorumRejectAndRules(t *testing.T) {
 }
 
 func TestQuorumConcurrentLastApprovals(t *testing.T) {
-	// Two admins sending the deciding approval at once: exactly one run.
+	// Two admins sending the deciding approval at once, to two nodes on
+	// one store: exactly one run.
 	f := newFixture(t)
-	f.e.Register("test.op", nil, func(_ context.Context, args json.RawMessage) (json.RawMessage, error) {
-		f.runs.Add(1)
-		return args, nil
-	})
+	other := f.node(t)
 	if _, err := f.e.Init(context.Background(), SetQuorumArgs{}, "x"); !errors.Is(err, ErrInvalid) && !errors.Is(err, ErrExists) {
 		t.Fatal(err)
 	}
@@ -313,10 +331,11 @@ func TestQuorumConcurrentLastApprovals(t *testing.T) {
 		}
 		var wg sync.WaitGroup
 		for _, x := range []struct {
+			e   *Engine
 			k   *identity.PrivateKey
 			sig []byte
-		}{{f.key(t, "bob"), sigB}, {f.key(t, "carol"), sigC}} {
-			wg.Go(func() { _, _ = f.e.Decide(context.Background(), p.ID, Approve, x.k.Public(), x.sig) })
+		}{{f.e, f.key(t, "bob"), sigB}, {other, f.key(t, "carol"), sigC}} {
+			wg.Go(func() { _, _ = x.e.Decide(context.Background(), p.ID, Approve, x.k.Public(), x.sig) })
 		}
 		wg.Wait()
 	}
