@@ -663,3 +663,257 @@ func checkBackupRecord(key string, value []byte) error {
 	}
 	return nil
 }
+
+// ---- stored backups ----
+
+// Stored backups.
+//
+// A backup may be far larger than a gRPC message or a stored value (see
+// [MaxBackupSize]), so the server that runs an approved export does not
+// hand it back in the proposal's result: [Service.StoreBackup] keeps it in
+// the store, in chunks, and the result carries only its [StoredBackup]
+// description, from which admins stream it out. The layout, named by the
+// backup's SHA-256 so that the name alone checks the bytes:
+//
+//	backups/<sha256>/000000 … 000511  the backup, StoredBackupChunkSize bytes each (the last shorter)
+//	backups/<sha256>/manifest         JSON: size, SHA-256, chunk count and size, creation time
+//
+// The manifest is written last: a backup whose manifest is missing is not
+// there. Deletion goes the other way (chunks from the last, then the
+// manifest), so that an interrupted deletion can be run again. The store is
+// not trusted: what is read back is checked against the manifest, and
+// readers check the whole against its SHA-256. A stored backup is sealed to
+// the DR site's transfer key and signed; it is no more secret than the
+// store it was made from, but it takes room, so it stays until deleted.
+// Backups are not under [BackupPrefixes]: a backup never carries another.
+
+// StoredBackupChunkSize is the size of a stored backup's chunks: well
+// under the store's value limit and etcd's default request limit (1.5 MiB).
+const StoredBackupChunkSize = 512 << 10
+
+const (
+	storedBackupPrefix  = "backups/"
+	storedBackupFormat  = 1
+	maxStoredBackupMeta = 4 << 10
+)
+
+// ErrStoredBackupDamaged: a stored backup's manifest or chunks are missing,
+// malformed or disagree (a deletion interrupted, or the store altered). It
+// wraps ErrFailedPrecondition: the remedy is a new export.
+var ErrStoredBackupDamaged = fmt.Errorf("%w: stored backup incomplete or damaged", ErrFailedPrecondition)
+
+// StoredBackup describes a backup kept in the store.
+type StoredBackup struct {
+	// SHA256 is the hash of the whole backup, and its name in the store.
+	SHA256 [32]byte
+	// Size is the backup's length in bytes.
+	Size int64
+	// Chunks of ChunkSize bytes hold it, the last shorter.
+	Chunks    int
+	ChunkSize int
+	// Created is when it was stored.
+	Created time.Time
+}
+
+// ID returns the backup's name: the lowercase hex of its SHA-256.
+func (b StoredBackup) ID() string { return hex.EncodeToString(b.SHA256[:]) }
+
+// chunkLen is the length chunk i must have.
+func (b StoredBackup) chunkLen(i int) int {
+	return int(min(int64(b.ChunkSize), b.Size-int64(i)*int64(b.ChunkSize)))
+}
+
+type storedBackupManifest struct {
+	Format    int    `json:"format"`
+	Size      int64  `json:"size"`
+	SHA256    string `json:"sha256"`
+	Chunks    int    `json:"chunks"`
+	ChunkSize int    `json:"chunk_size"`
+	Created   string `json:"created"` // RFC 3339, UTC
+}
+
+func storedBackupManifestKey(id string) string { return storedBackupPrefix + id + "/manifest" }
+
+func storedBackupChunkKey(id string, i int) string {
+	return fmt.Sprintf("%s%s/%06d", storedBackupPrefix, id, i)
+}
+
+// checkStoredBackupID accepts a lowercase hex SHA-256.
+func checkStoredBackupID(id string) error {
+	if b, err := hex.DecodeString(id); err != nil || len(b) != sha256.Size || strings.ToLower(id) != id {
+		return fmt.Errorf("%w: stored backup id %.80q: want 64 lowercase hex digits", ErrInvalidArgument, id)
+	}
+	return nil
+}
+
+// StoreBackup keeps data (a backup made by [ExportBackup]) in the store
+// and returns its description. Chunks already written are removed, best
+// effort, if a later write fails.
+func (s *Service) StoreBackup(ctx context.Context, data []byte) (StoredBackup, error) {
+	if len(data) == 0 || len(data) > MaxBackupSize {
+		return StoredBackup{}, fmt.Errorf("%w: a backup of %d bytes (1 to %d)", ErrInvalidArgument, len(data), MaxBackupSize)
+	}
+	b := StoredBackup{
+		SHA256:    sha256.Sum256(data),
+		Size:      int64(len(data)),
+		Chunks:    (len(data) + StoredBackupChunkSize - 1) / StoredBackupChunkSize,
+		ChunkSize: StoredBackupChunkSize,
+		Created:   s.now().UTC().Round(0),
+	}
+	id := b.ID()
+	written := 0
+	undo := func(err error) (StoredBackup, error) {
+		// Chunks without a manifest are never read; they only take room.
+		for i := written - 1; i >= 0; i-- {
+			_ = s.store.Delete(context.WithoutCancel(ctx), storedBackupChunkKey(id, i), 0) // best effort: err says what failed
+		}
+		return StoredBackup{}, err
+	}
+	for i := range b.Chunks {
+		off := i * StoredBackupChunkSize
+		_, err := s.store.CompareAndSwap(ctx, storedBackupChunkKey(id, i), 0, data[off:off+b.chunkLen(i)])
+		if errors.Is(err, store.ErrConflict) {
+			// The same bytes stored already: an export is sealed with fresh
+			// randomness, so this is not another export of the same store.
+			return undo(fmt.Errorf("%w: a backup with SHA-256 %s is stored already", ErrExists, id))
+		}
+		if err != nil {
+			return undo(storeErr(err))
+		}
+		written++
+	}
+	m := mustJSON(storedBackupManifest{
+		Format: storedBackupFormat, Size: b.Size, SHA256: id, Chunks: b.Chunks, ChunkSize: b.ChunkSize,
+		Created: b.Created.Format(time.RFC3339Nano),
+	})
+	if _, err := s.store.CompareAndSwap(ctx, storedBackupManifestKey(id), 0, m); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return undo(fmt.Errorf("%w: a backup with SHA-256 %s is stored already", ErrExists, id))
+		}
+		return undo(storeErr(err))
+	}
+	return b, nil
+}
+
+// GetStoredBackup returns the description of the stored backup whose
+// SHA-256 is id (lowercase hex). A missing backup is ErrNotFound; a
+// manifest that does not parse or disagrees with its name is
+// ErrStoredBackupDamaged.
+func (s *Service) GetStoredBackup(ctx context.Context, id string) (StoredBackup, error) {
+	if err := checkStoredBackupID(id); err != nil {
+		return StoredBackup{}, err
+	}
+	kv, err := s.store.Get(ctx, storedBackupManifestKey(id))
+	if errors.Is(err, store.ErrNotFound) {
+		return StoredBackup{}, fmt.Errorf("%w: no stored backup %s (deleted?)", ErrNotFound, id)
+	}
+	if err != nil {
+		return StoredBackup{}, storeErr(err)
+	}
+	return parseStoredBackupManifest(id, kv.Value)
+}
+
+// parseStoredBackupManifest decodes and checks a stored manifest named id.
+func parseStoredBackupManifest(id string, value []byte) (StoredBackup, error) {
+	bad := func(why string) (StoredBackup, error) {
+		return StoredBackup{}, fmt.Errorf("%w: backup %s: manifest: %s", ErrStoredBackupDamaged, id, why)
+	}
+	if len(value) > maxStoredBackupMeta {
+		return bad("too long")
+	}
+	var m storedBackupManifest
+	if err := strictJSON(value, &m); err != nil {
+		return bad(err.Error())
+	}
+	if m.Format != storedBackupFormat {
+		return bad(fmt.Sprintf("format %d, this server reads %d", m.Format, storedBackupFormat))
+	}
+	if m.SHA256 != id {
+		return bad("it names another backup")
+	}
+	if m.Size < 1 || m.Size > MaxBackupSize || m.ChunkSize < 1 || m.ChunkSize > store.MaxValueSize {
+		return bad("size or chunk size out of range")
+	}
+	if int64(m.Chunks) != (m.Size+int64(m.ChunkSize)-1)/int64(m.ChunkSize) {
+		return bad("chunk count does not match the size")
+	}
+	created, err := time.Parse(time.RFC3339Nano, m.Created)
+	if err != nil {
+		return bad("created: " + err.Error())
+	}
+	b := StoredBackup{Size: m.Size, Chunks: m.Chunks, ChunkSize: m.ChunkSize, Created: created.UTC()}
+	if n, err := hex.Decode(b.SHA256[:], []byte(id)); err != nil || n != sha256.Size {
+		return bad("bad name")
+	}
+	return b, nil
+}
+
+// ReadStoredBackupChunk returns chunk i of stored backup b, checking its
+// length; a missing chunk or one of another length is
+// ErrStoredBackupDamaged. The caller checks the whole against b.SHA256.
+func (s *Service) ReadStoredBackupChunk(ctx context.Context, b StoredBackup, i int) ([]byte, error) {
+	if i < 0 || i >= b.Chunks {
+		return nil, fmt.Errorf("%w: chunk %d of a backup of %d chunks", ErrInvalidArgument, i, b.Chunks)
+	}
+	kv, err := s.store.Get(ctx, storedBackupChunkKey(b.ID(), i))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("%w: backup %s: chunk %d of %d is missing", ErrStoredBackupDamaged, b.ID(), i, b.Chunks)
+	}
+	if err != nil {
+		return nil, storeErr(err)
+	}
+	if len(kv.Value) != b.chunkLen(i) {
+		return nil, fmt.Errorf("%w: backup %s: chunk %d is %d bytes, want %d", ErrStoredBackupDamaged, b.ID(), i, len(kv.Value), b.chunkLen(i))
+	}
+	return kv.Value, nil
+}
+
+// DeleteStoredBackup deletes the stored backup whose SHA-256 is id: its
+// chunks from the last, then its manifest. Run again after an
+// interruption, it finishes the job; with nothing left it is ErrNotFound.
+func (s *Service) DeleteStoredBackup(ctx context.Context, id string) error {
+	if err := checkStoredBackupID(id); err != nil {
+		return err
+	}
+	kv, err := s.store.Get(ctx, storedBackupManifestKey(id))
+	if errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("%w: no stored backup %s (deleted already?)", ErrNotFound, id)
+	}
+	if err != nil {
+		return storeErr(err)
+	}
+	del := func(key string) (bool, error) {
+		err := s.store.Delete(ctx, key, 0)
+		if errors.Is(err, store.ErrNotFound) {
+			return false, nil
+		}
+		if err != nil {
+			return false, storeErr(err)
+		}
+		return true, nil
+	}
+	if b, err := parseStoredBackupManifest(id, kv.Value); err == nil {
+		for i := b.Chunks - 1; i >= 0; i-- {
+			if _, err := del(storedBackupChunkKey(id, i)); err != nil {
+				return err
+			}
+		}
+	} else {
+		// A damaged manifest does not say how many chunks there are; they
+		// were written from 0 and are deleted from the last, so what is
+		// left runs from 0 without a gap.
+		for i := 0; ; i++ {
+			ok, err := del(storedBackupChunkKey(id, i))
+			if err != nil {
+				return err
+			}
+			if !ok {
+				break
+			}
+		}
+	}
+	if _, err := del(storedBackupManifestKey(id)); err != nil {
+		return err
+	}
+	return nil
+}

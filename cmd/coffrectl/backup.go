@@ -2,14 +2,21 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"sort"
 	"strings"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/coffre-kms/coffre/cmd/internal/atomicfile"
 	"github.com/coffre-kms/coffre/cmd/internal/keyfile"
@@ -17,6 +24,7 @@ import (
 	"github.com/coffre-kms/coffre/kms/audit"
 	"github.com/coffre-kms/coffre/kms/seal"
 	"github.com/coffre-kms/coffre/kms/store"
+	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
 // transferKeyPEM is the PEM type of a DR site's transfer key file: the
@@ -38,19 +46,72 @@ func kdfParams() keyfile.Params {
 // testKDF is set by the test binary's TestMain, never by coffrectl itself.
 var testKDF *keyfile.Params
 
-// backupCommands are the offline halves of the data-embassy backup: the DR
-// site's transfer key, reading a backup's header, and importing it into
-// the DR site's store. (`backup export` runs on the primary through the
-// quorum-gated server; its client writes the result with
-// writeExportedBackup.)
+// backupCommands are the halves of the data-embassy backup that are not
+// proposals: the DR site's transfer key, reading a backup's header and
+// importing it into the DR site's store (offline), and fetching or
+// deleting the backup an executed export keeps on the primary's server.
+// (`backup export` is a quorum proposal; the approval that executes it
+// fetches the backup with fetchBackup.)
 func backupCommands() []*command {
 	var (
 		out, in, keyFile, passFile string
 		storeSpec, prefix          string
 		etcdCA, etcdCert, etcdKey  string
 		trust                      listFlag
+		proposal                   string
 	)
 	return []*command{
+		{
+			path: "backup fetch", args: "", nargs: 0,
+			summary: "Fetch the backup an executed backup export keeps on the server (--proposal ID or a unique prefix) into --out, checking its size and SHA-256; it can be fetched again until backup delete.",
+			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&proposal, "proposal", "", "the executed backup export's proposal `ID`")
+				fs.StringVar(&out, "out", "", "`FILE` to write the backup to (must not exist)")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				if proposal == "" || out == "" {
+					return fmt.Errorf("%w: --proposal and --out are required", errUsage)
+				}
+				if err := refuseExisting("it", out); err != nil {
+					return fmt.Errorf("--out: %w", err)
+				}
+				c, closeConn, err := adminClient(e.g)
+				if err != nil {
+					return err
+				}
+				defer closeConn()
+				return fetchBackup(ctx, e, c, proposal, out, nil)
+			},
+		},
+		{
+			path: "backup delete", args: "", nargs: 0,
+			summary: "Delete the backup an executed backup export keeps on the server (--proposal ID), once the DR site has it; the proposal stays in the history.",
+			flags: func(fs *flag.FlagSet) {
+				fs.StringVar(&proposal, "proposal", "", "the executed backup export's proposal `ID`")
+			},
+			run: func(ctx context.Context, e *env, _ []string) error {
+				if proposal == "" {
+					return fmt.Errorf("%w: --proposal is required", errUsage)
+				}
+				c, closeConn, err := adminClient(e.g)
+				if err != nil {
+					return err
+				}
+				defer closeConn()
+				ctx, cancel := context.WithTimeout(ctx, e.g.timeout)
+				defer cancel()
+				m, err := c.DeleteBackup(ctx, &coffrev1.DeleteBackupRequest{ProposalId: proposal})
+				if err != nil {
+					return rpcError(err)
+				}
+				if e.g.json {
+					return printMessage(e.stdout, m, true)
+				}
+				fmt.Fprintf(e.stdout, "deleted the stored backup of proposal %s\n", proposal)
+				printBackupManifest(e.stdout, m)
+				return nil
+			},
+		},
 		{
 			path: "backup keygen", args: "", nargs: 0,
 			summary: "Make a DR site's transfer key, which backups are sealed to: writes FILE (encrypted under a passphrase, 0600) and FILE.pub, and prints the public key.",
@@ -233,6 +294,180 @@ func writeExportedBackup(e *env, out string, data []byte) error {
 	fmt.Fprintf(e.stdout, "wrote %s\n", out)
 	printBackupHeader(e.stdout, h, len(data))
 	return nil
+}
+
+// finishExport fetches the backup of export proposal p, which has just
+// executed with result r, into backupOut. The backup is stored on the
+// server whatever happens here, so every failure says how to fetch it.
+func finishExport(ctx context.Context, e *env, c coffrev1.AdminServiceClient, p *coffrev1.Proposal, r *coffrev1.ExportBackupResponse) error {
+	if inline := r.GetBackup(); r.GetStored() == nil && len(inline) > 0 {
+		// A server from before stored backups: the result is the backup.
+		return writeExportedBackup(e, backupOut, inline)
+	}
+	again := fmt.Sprintf("coffrectl backup fetch --proposal %s --out FILE", short(p.GetId()))
+	if backupOut == "" {
+		fmt.Fprintf(e.stderr, "the backup is stored on the server; fetch it with: %s\n", again)
+		return printProposal(e.stdout, p, e.g.json)
+	}
+	if err := fetchBackup(ctx, e, c, p.GetId(), backupOut, r.GetStored()); err != nil {
+		return fmt.Errorf("the backup is stored on the server, but fetching it failed: %w (fetch it again with: %s)", err, again)
+	}
+	return nil
+}
+
+// fetchBackup streams the backup that executed export proposal id keeps on
+// the server into out: written atomically (mode 0600: it is sealed, but it
+// is still the key hierarchy), never over an existing file, and only once
+// its size and SHA-256 match the server's manifest — and want, the
+// manifest of the proposal's result, when the caller has it — and it reads
+// as a backup. Each call has its own --timeout; a call cut short after
+// some progress (deadline, lost connection) is resumed where it stopped.
+func fetchBackup(ctx context.Context, e *env, c coffrev1.AdminServiceClient, id, out string, want *coffrev1.BackupManifest) error {
+	if err := refuseExisting("it", out); err != nil {
+		return err
+	}
+	f := &backupFetch{id: id, want: want, hash: sha256.New()}
+	err := atomicfile.Write(out, 0o600, func(w io.Writer) error {
+		for {
+			before := f.off
+			done, err := f.call(ctx, e, c, w)
+			if done {
+				// Size and hash match what the server stored; that it
+				// reads as a backup is checked before the file appears.
+				if _, err := kms.InspectBackup(f.head); err != nil {
+					return fmt.Errorf("the server's backup is not a backup: %w", err)
+				}
+				return nil
+			}
+			if st, ok := status.FromError(err); ok && f.off > before && f.manifest != nil &&
+				(st.Code() == codes.DeadlineExceeded || st.Code() == codes.Unavailable) && ctx.Err() == nil {
+				continue
+			}
+			return err
+		}
+	})
+	if err != nil {
+		return err
+	}
+	h, err := kms.InspectBackup(f.head)
+	if err != nil {
+		return err // checked above
+	}
+	m := f.manifest
+	if e.g.json {
+		return json.NewEncoder(e.stdout).Encode(map[string]any{
+			"file": out, "proposal": id, "origin": h.Origin, "created": h.Created, "signer": h.Signer,
+			"recipient": h.Recipient, "size": m.GetSize(), "sha256": m.GetSha256(),
+		})
+	}
+	fmt.Fprintf(e.stdout, "wrote %s\n", out)
+	printBackupHeader(e.stdout, h, int(min(m.GetSize(), kms.MaxBackupSize))) // #nosec G115 -- bounded
+	fmt.Fprintf(e.stdout, "  sha256     %s (checked)\n", m.GetSha256())
+	return nil
+}
+
+// backupFetch is the state of one fetchBackup across its calls.
+type backupFetch struct {
+	id       string
+	want     *coffrev1.BackupManifest
+	manifest *coffrev1.BackupManifest
+	off      uint64
+	hash     hash.Hash
+	head     []byte // the first bytes, for the header
+}
+
+// call makes one FetchBackup call from f.off, writing what it receives to
+// w; done means the whole backup arrived and checked out.
+func (f *backupFetch) call(ctx context.Context, e *env, c coffrev1.AdminServiceClient, w io.Writer) (done bool, err error) {
+	ctx, cancel := context.WithTimeout(ctx, e.g.timeout)
+	defer cancel()
+	stream, err := c.FetchBackup(ctx, &coffrev1.FetchBackupRequest{ProposalId: f.id, Offset: f.off})
+	if err != nil {
+		return false, rpcErrorKeep(err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		return false, rpcErrorKeep(err)
+	}
+	m := first.GetManifest()
+	if m == nil || len(first.GetData()) > 0 {
+		return false, errors.New("the server's stream does not start with the backup's manifest")
+	}
+	if err := f.setManifest(m); err != nil {
+		return false, err
+	}
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return false, rpcErrorKeep(err)
+		}
+		data := msg.GetData()
+		if msg.GetManifest() != nil || msg.GetOffset() != f.off || len(data) == 0 || uint64(len(data)) > f.manifest.GetSize()-f.off {
+			return false, fmt.Errorf("the server sent bytes %d..%d of a %d-byte backup, expected them from %d",
+				msg.GetOffset(), msg.GetOffset()+uint64(len(data)), f.manifest.GetSize(), f.off)
+		}
+		if _, err := w.Write(data); err != nil {
+			return false, err
+		}
+		f.hash.Write(data)
+		if n := maxBackupHead - len(f.head); n > 0 {
+			f.head = append(f.head, data[:min(n, len(data))]...)
+		}
+		f.off += uint64(len(data))
+	}
+	if f.off != f.manifest.GetSize() {
+		return false, fmt.Errorf("the server's stream ended after %d of %d bytes", f.off, f.manifest.GetSize())
+	}
+	if got := hex.EncodeToString(f.hash.Sum(nil)); got != f.manifest.GetSha256() {
+		return false, fmt.Errorf("the backup received hashes to %s, its manifest says %s: nothing written", got, f.manifest.GetSha256())
+	}
+	return true, nil
+}
+
+// maxBackupHead is how much of the start of a backup is kept to read its
+// header (which is at most 1 KiB).
+const maxBackupHead = 4 << 10
+
+// setManifest checks the manifest a call starts with: well formed, the one
+// the proposal's result names, and the same on every call of one fetch.
+func (f *backupFetch) setManifest(m *coffrev1.BackupManifest) error {
+	if sum, err := hex.DecodeString(m.GetSha256()); err != nil || len(sum) != sha256.Size || m.GetSize() == 0 || m.GetSize() > kms.MaxBackupSize {
+		return fmt.Errorf("the server's backup manifest is malformed (size %d, sha256 %.80q)", m.GetSize(), m.GetSha256())
+	}
+	if f.want != nil && (m.GetSize() != f.want.GetSize() || m.GetSha256() != f.want.GetSha256()) {
+		return fmt.Errorf("the server streams a backup of %d bytes with SHA-256 %s, but the proposal's result names one of %d bytes with SHA-256 %s",
+			m.GetSize(), m.GetSha256(), f.want.GetSize(), f.want.GetSha256())
+	}
+	if f.manifest != nil && (m.GetSize() != f.manifest.GetSize() || m.GetSha256() != f.manifest.GetSha256()) {
+		return errors.New("the server's backup changed between two calls of one fetch")
+	}
+	f.manifest = m
+	return nil
+}
+
+// rpcErrorKeep is rpcError that keeps the status for errors.As and
+// status.FromError (a fetch resumes on some codes).
+func rpcErrorKeep(err error) error {
+	if s, ok := status.FromError(err); ok {
+		return &statusError{s: s}
+	}
+	return err
+}
+
+type statusError struct{ s *status.Status }
+
+func (e *statusError) Error() string { return e.s.Code().String() + ": " + e.s.Message() }
+
+// GRPCStatus lets status.FromError see through to the status.
+func (e *statusError) GRPCStatus() *status.Status { return e.s }
+
+func printBackupManifest(w io.Writer, m *coffrev1.BackupManifest) {
+	fmt.Fprintf(w, "  size       %d bytes\n", m.GetSize())
+	fmt.Fprintf(w, "  sha256     %s\n", m.GetSha256())
+	fmt.Fprintf(w, "  stored     %s\n", stamp(m.GetCreateTime().AsTime()))
 }
 
 func printBackupHeader(w io.Writer, h kms.BackupHeader, size int) {

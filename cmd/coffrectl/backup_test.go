@@ -3,17 +3,27 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/coffre-kms/coffre/cmd/internal/devtest"
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 	"github.com/coffre-kms/coffre/kms"
 	"github.com/coffre-kms/coffre/kms/audit"
 	"github.com/coffre-kms/coffre/kms/seal"
 	"github.com/coffre-kms/coffre/kms/store"
+	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -166,4 +176,268 @@ func TestBackupImportCLI(t *testing.T) {
 			t.Fatalf("DR store %s differs from the primary", k)
 		}
 	}
+}
+
+// TestBackupExportLarge runs the data embassy through coffrectl against a
+// real coffred (`coffred dev`, whose messages are bounded at 1 MiB) with a
+// backup larger than that: the approval that executes the export fetches
+// the backup and checks its size and hash, the DR site imports it into a
+// fresh store, it is fetched again, refused for what is not an executed
+// export, and deleted.
+func TestBackupExportLarge(t *testing.T) {
+	srv := devtest.Start(t)
+	for k, v := range srv.Env {
+		t.Setenv(k, v)
+	}
+	g := globals{server: srv.Env["COFFRE_ADDR"], ca: srv.Env["COFFRE_CA"], cert: srv.Env["COFFRE_CERT"], key: srv.Env["COFFRE_KEY"], timeout: 30 * time.Second}
+	c, closeConn, err := adminClient(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeConn()
+	const keyrings = 4000
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < keyrings; i += 8 {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				_, err := c.CreateKeyring(ctx, &coffrev1.CreateKeyringRequest{Id: fmt.Sprintf("acme/k%05d", i)})
+				cancel()
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+
+	dir := t.TempDir()
+	pass := filepath.Join(dir, "pass")
+	if err := os.WriteFile(pass, []byte("correct horse battery\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key := filepath.Join(dir, "dr.key")
+	if code, _, errOut := runCLI(t, "backup", "keygen", "--out", key, "--passphrase-file", pass); code != exitOK {
+		t.Fatalf("keygen: %s", errOut)
+	}
+	out := filepath.Join(dir, "paris.backup")
+	code, stdout, stderr := runCLI(t, "backup", "export", "--to", key+".pub", "--out", out)
+	if code != exitOK || !strings.Contains(stdout, "wrote "+out) || !regexp.MustCompile(`sha256 +[0-9a-f]{64} \(checked\)`).MatchString(stdout) {
+		t.Fatalf("export: exit %d\n%s%s", code, stdout, stderr)
+	}
+	m := regexp.MustCompile(`proposal ([0-9a-f]{16}) executed`).FindStringSubmatch(stderr)
+	if m == nil {
+		t.Fatalf("export: no proposal id in\n%s", stderr)
+	}
+	id := m[1]
+	data, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(data) <= 1<<20 {
+		t.Fatalf("the backup is %d bytes; the test needs one over the server's 1 MiB message limit", len(data))
+	}
+	if fi, err := os.Stat(out); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("backup file: %v %v", fi, err)
+	}
+
+	// The DR site imports it into a fresh store: every keyring arrives.
+	drPath := filepath.Join(dir, "dr.db")
+	code, stdout, stderr = runCLI(t, "backup", "import", "--in", out, "--transfer-key", key, "--passphrase-file", pass,
+		"--trust", srv.Env["COFFRE_AUDIT_VERIFIER"], "--store", "bbolt:"+drPath)
+	if code != exitOK || !strings.Contains(stdout, "signed by trusted key") {
+		t.Fatalf("import: exit %d\n%s%s", code, stdout, stderr)
+	}
+	dr, err := store.OpenBolt(drPath, store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := dr.List(context.Background(), "keyrings/acme/k")
+	dr.Close()
+	if err != nil || len(got) != keyrings {
+		t.Fatalf("the DR store holds %d of the %d keyrings (%v)", len(got), keyrings, err)
+	}
+
+	// The server keeps it: the same bytes again, until deleted.
+	again := filepath.Join(dir, "again.backup")
+	if code, stdout, stderr := runCLI(t, "backup", "fetch", "--proposal", id, "--out", again); code != exitOK {
+		t.Fatalf("fetch: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if b, err := os.ReadFile(again); err != nil || !bytes.Equal(b, data) {
+		t.Fatalf("fetched again: %d bytes, %v", len(b), err)
+	}
+	// One more export-free proposal to fetch from.
+	code, _, stderr = runCLI(t, "keyring", "schedule-deletion", "acme/k00000", "--version", "0", "--days", "7")
+	m = regexp.MustCompile(`proposal ([0-9a-f]{16}) executed`).FindStringSubmatch(stderr)
+	if code != exitOK || m == nil {
+		t.Fatalf("schedule-deletion: exit %d\n%s", code, stderr)
+	}
+	other := m[1]
+	missing := filepath.Join(dir, "missing.backup")
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"existing file", []string{"backup", "fetch", "--proposal", id, "--out", again}, exitError, "refusing to overwrite"},
+		{"unknown proposal", []string{"backup", "fetch", "--proposal", "0123456789abcdef", "--out", missing}, exitError, "NotFound: quorum: no such proposal"},
+		{"not an export", []string{"backup", "fetch", "--proposal", other, "--out", missing}, exitError, "InvalidArgument: invalid argument: proposal " + other + " is a keyring.schedule_destruction, not a backup.export"},
+		{"no --out", []string{"backup", "fetch", "--proposal", id}, exitUsage, "--proposal and --out are required"},
+		{"delete not an export", []string{"backup", "delete", "--proposal", other}, exitError, "not a backup.export"},
+	} {
+		code, _, errOut := runCLI(t, tc.args...)
+		if code != tc.code || !strings.Contains(errOut, tc.msg) {
+			t.Errorf("%s: exit %d, %s", tc.name, code, errOut)
+		}
+	}
+	if code, stdout, stderr := runCLI(t, "backup", "delete", "--proposal", id); code != exitOK || !strings.Contains(stdout, "deleted the stored backup") {
+		t.Fatalf("delete: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if code, _, errOut := runCLI(t, "backup", "fetch", "--proposal", id, "--out", missing); code != exitError || !strings.Contains(errOut, "NotFound") {
+		t.Fatalf("fetch after delete: exit %d %s", code, errOut)
+	}
+	if _, err := os.Stat(missing); !os.IsNotExist(err) {
+		t.Fatalf("a refused fetch left %s: %v", missing, err)
+	}
+}
+
+// TestFetchBackupResumes cuts FetchBackup calls short (as a deadline
+// would) and checks that the fetch resumes where it stopped, that a call
+// with no progress ends it, and that bytes altered on the way are caught
+// by the manifest's hash with no file written.
+func TestFetchBackupResumes(t *testing.T) {
+	srv := devtest.Start(t)
+	for k, v := range srv.Env {
+		t.Setenv(k, v)
+	}
+	dir := t.TempDir()
+	pass := filepath.Join(dir, "pass")
+	if err := os.WriteFile(pass, []byte("correct horse battery\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key := filepath.Join(dir, "dr.key")
+	if code, _, errOut := runCLI(t, "backup", "keygen", "--out", key, "--passphrase-file", pass); code != exitOK {
+		t.Fatalf("keygen: %s", errOut)
+	}
+	out := filepath.Join(dir, "first.backup")
+	code, stdout, stderr := runCLI(t, "backup", "export", "--to", key+".pub", "--out", out)
+	m := regexp.MustCompile(`proposal ([0-9a-f]{16}) executed`).FindStringSubmatch(stderr)
+	if code != exitOK || m == nil {
+		t.Fatalf("export: exit %d\n%s%s", code, stdout, stderr)
+	}
+	id := m[1]
+	want, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := globals{server: srv.Env["COFFRE_ADDR"], ca: srv.Env["COFFRE_CA"], cert: srv.Env["COFFRE_CERT"], key: srv.Env["COFFRE_KEY"], timeout: 30 * time.Second}
+	real, closeConn, err := adminClient(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeConn()
+	e := &env{g: g, stdout: io.Discard, stderr: io.Discard}
+
+	// The backup of a small dev store fits one message; every call is cut
+	// after the manifest and one data message of the test's own size.
+	c := &cuttingClient{AdminServiceClient: real, cuts: 3, after: 2, shrink: 1000}
+	resumed := filepath.Join(dir, "resumed.backup")
+	if err := fetchBackup(context.Background(), e, c, id, resumed, nil); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(resumed); err != nil || !bytes.Equal(b, want) {
+		t.Fatalf("resumed fetch: %d bytes, %v", len(b), err)
+	}
+	if len(c.offsets) != 4 || c.offsets[0] != 0 || c.offsets[1] != 1000 || c.offsets[3] != 3000 {
+		t.Fatalf("calls from offsets %v", c.offsets)
+	}
+
+	stalled := filepath.Join(dir, "stalled.backup")
+	c = &cuttingClient{AdminServiceClient: real, cuts: 1, after: 1}
+	if err := fetchBackup(context.Background(), e, c, id, stalled, nil); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("a call with no progress: %v", err)
+	}
+	c = &cuttingClient{AdminServiceClient: real, flip: true}
+	if err := fetchBackup(context.Background(), e, c, id, stalled, nil); err == nil || !strings.Contains(err.Error(), "nothing written") {
+		t.Fatalf("altered bytes: %v", err)
+	}
+	other := &coffrev1.BackupManifest{Size: uint64(len(want)), Sha256: strings.Repeat("0", 64)}
+	if err := fetchBackup(context.Background(), e, real, id, stalled, other); err == nil || !strings.Contains(err.Error(), "proposal's result names") {
+		t.Fatalf("a manifest other than the result's: %v", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 5 { // pass, dr.key(.pub), first, resumed and nothing else
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Fatalf("files left: %v", names)
+	}
+}
+
+// cuttingClient passes AdminService calls to the real server, and cuts
+// the first cuts FetchBackup streams short after `after` messages with
+// DeadlineExceeded, as a call deadline would. With shrink, data messages
+// are split to at most shrink bytes (so that a small backup still takes
+// several calls); with flip, one data byte is altered.
+type cuttingClient struct {
+	coffrev1.AdminServiceClient
+	cuts, after, shrink int
+	flip                bool
+	offsets             []uint64
+}
+
+func (c *cuttingClient) FetchBackup(ctx context.Context, in *coffrev1.FetchBackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[coffrev1.BackupChunk], error) {
+	c.offsets = append(c.offsets, in.GetOffset())
+	s, err := c.AdminServiceClient.FetchBackup(ctx, in, opts...)
+	if err != nil {
+		return nil, err
+	}
+	cs := &cutStream{ServerStreamingClient: s, left: -1, shrink: c.shrink, flip: c.flip}
+	if c.cuts > 0 {
+		c.cuts--
+		cs.left = c.after
+	}
+	return cs, nil
+}
+
+type cutStream struct {
+	grpc.ServerStreamingClient[coffrev1.BackupChunk]
+	left, shrink int
+	flip         bool
+	pending      *coffrev1.BackupChunk
+}
+
+func (s *cutStream) Recv() (*coffrev1.BackupChunk, error) {
+	if s.left == 0 {
+		return nil, status.Error(codes.DeadlineExceeded, "cut short by the test")
+	}
+	s.left--
+	m := s.pending
+	if m == nil {
+		var err error
+		if m, err = s.ServerStreamingClient.Recv(); err != nil {
+			return nil, err
+		}
+	}
+	s.pending = nil
+	if s.shrink > 0 && len(m.GetData()) > s.shrink {
+		s.pending = &coffrev1.BackupChunk{Offset: m.GetOffset() + uint64(s.shrink), Data: m.GetData()[s.shrink:]}
+		m = &coffrev1.BackupChunk{Offset: m.GetOffset(), Data: m.GetData()[:s.shrink]}
+	}
+	if s.flip && len(m.GetData()) > 0 {
+		d := bytes.Clone(m.GetData())
+		d[len(d)/2] ^= 1
+		m = &coffrev1.BackupChunk{Offset: m.GetOffset(), Data: d}
+		s.flip = false
+	}
+	return m, nil
 }

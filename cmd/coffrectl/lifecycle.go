@@ -159,7 +159,7 @@ func lifecycleCommands() []*command {
 		},
 		{
 			path: "backup export", args: "", nargs: 0,
-			summary: "Propose a signed backup of the store encrypted to a DR site's transfer key (--to): quorum-gated; the approval that executes it writes --out.",
+			summary: "Propose a signed backup of the store encrypted to a DR site's transfer key (--to): quorum-gated; the server keeps the backup, and the approval that executes it fetches it into --out, checking its size and SHA-256 (backup fetch gets it again, backup delete removes it).",
 			flags: func(fs *flag.FlagSet) {
 				fs.StringVar(&to, "to", "", "the DR site's transfer public key, coffre-xwing1:… or a `FILE` holding it")
 				fs.StringVar(&out, "out", "", "`FILE` to write the backup to when the proposal executes")
@@ -201,8 +201,8 @@ func readKeyLine(v, prefix string) (string, error) {
 	return "", fmt.Errorf("%s holds no %s key line", v, prefix)
 }
 
-// backupOut is where an executed backup.export is written (--out of backup
-// export, or of the proposal approve that executes it).
+// backupOut is where an executed backup.export is fetched to (--out of
+// backup export, or of the proposal approve that executes it).
 var backupOut string
 
 func withBackupOut(e *env, path string, f func(*env) error) error {

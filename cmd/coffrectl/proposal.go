@@ -78,29 +78,41 @@ func decide(ctx context.Context, e *env, c coffrev1.AdminServiceClient, p *coffr
 // once as the proposer's own approval. If that reaches the quorum the
 // operation has run and its result is printed like the direct call's
 // answer (into result); otherwise the pending proposal is shown with the
-// command the other officers run.
+// command the other officers run. The server's answer is refused, and
+// nothing signed, unless it holds op as asked (see checkProposed).
 func gatedCall(ctx context.Context, e *env, op *coffrev1.Operation, result proto.Message) error {
 	c, closeConn, err := adminClient(e.g)
 	if err != nil {
 		return err
 	}
 	defer closeConn()
+	req := &coffrev1.ProposeRequest{Operation: op, TtlSeconds: uint32(e.g.proposalTTL / time.Second)} // #nosec G115 -- bounded by the flag check
+	want, err := requestFor(op, e.g.cert, req.GetTtlSeconds())
+	if err != nil {
+		return err
+	}
+	parent := ctx // the fetch of an executed backup export times its own calls
 	ctx, cancel := context.WithTimeout(ctx, e.g.timeout)
 	defer cancel()
-	p, err := c.Propose(ctx, &coffrev1.ProposeRequest{Operation: op, TtlSeconds: uint32(e.g.proposalTTL / time.Second)}) // #nosec G115 -- bounded by the flag check
+	p, err := c.Propose(ctx, req)
 	if err != nil {
 		return rpcError(err)
+	}
+	if err := checkProposed(p, want); err != nil {
+		return err
 	}
 	if e.g.adminKey != "" {
 		if p, err = decide(ctx, e, c, p, quorum.Approve); err != nil {
 			return err
 		}
 	}
-	return finish(e, p, result)
+	return finish(parent, e, c, p, result)
 }
 
 // finish prints the outcome of a proposal the caller just made or decided.
-func finish(e *env, p *coffrev1.Proposal, result proto.Message) error {
+// An executed backup export is fetched into backupOut, each call of the
+// fetch with its own --timeout.
+func finish(ctx context.Context, e *env, c coffrev1.AdminServiceClient, p *coffrev1.Proposal, result proto.Message) error {
 	switch p.GetState() {
 	case quorum.StateExecuted:
 		fmt.Fprintf(e.stderr, "proposal %s executed (%s approvals)\n", short(p.GetId()), approvalCount(p))
@@ -111,7 +123,7 @@ func finish(e *env, p *coffrev1.Proposal, result proto.Message) error {
 			return fmt.Errorf("proposal %s executed, but its result does not parse: %w", short(p.GetId()), err)
 		}
 		if b, ok := result.(*coffrev1.ExportBackupResponse); ok {
-			return writeExportedBackup(e, backupOut, b.GetBackup())
+			return finishExport(ctx, e, c, p, b)
 		}
 		return printMessage(e.stdout, result, e.g.json)
 	case quorum.StateFailed:
@@ -121,8 +133,12 @@ func finish(e *env, p *coffrev1.Proposal, result proto.Message) error {
 			return err
 		}
 		if p.GetState() == quorum.StatePending {
-			fmt.Fprintf(e.stderr, "proposal %s has %s approvals; each other officer runs: coffrectl proposal approve %s\n",
-				short(p.GetId()), approvalCount(p), short(p.GetId()))
+			more := ""
+			if p.GetKind() == kindExportBackup {
+				more = " --out FILE"
+			}
+			fmt.Fprintf(e.stderr, "proposal %s has %s approvals; each other officer runs: coffrectl proposal approve %s%s\n",
+				short(p.GetId()), approvalCount(p), short(p.GetId()), more)
 		}
 		return nil
 	}
@@ -187,7 +203,7 @@ func proposalCommands() []*command {
 			path: "proposal " + decision, args: "ID", nargs: 1,
 			summary: "Sign and send your " + decision + " of a proposal (ID or a unique prefix), after checking that its content hashes to its id.",
 			flags: func(fs *flag.FlagSet) {
-				fs.StringVar(&out, "out", "", "`FILE` to write an exported backup to, if this decision executes a backup export")
+				fs.StringVar(&out, "out", "", "`FILE` to write the backup to, if this approval executes a backup export (required to approve one; must not exist)")
 				fs.BoolVar(&yes, "yes", false, "do not ask for confirmation on a terminal (the content is still printed)")
 			},
 			run: func(ctx context.Context, e *env, args []string) error {
@@ -198,20 +214,31 @@ func proposalCommands() []*command {
 					return err
 				}
 				defer closeConn()
-				ctx, cancel := context.WithTimeout(ctx, e.g.timeout)
+				cctx, cancel := context.WithTimeout(ctx, e.g.timeout)
 				defer cancel()
-				p, err := c.GetProposal(ctx, &coffrev1.GetProposalRequest{Id: args[0]})
+				p, err := c.GetProposal(cctx, &coffrev1.GetProposalRequest{Id: args[0]})
 				if err != nil {
 					return rpcError(err)
+				}
+				// Any approval may turn out to be the one that executes an
+				// export (others may approve meanwhile): where its backup
+				// goes is settled before anything is signed.
+				if c, _, err := checkContent(p); err == nil && decision == quorum.Approve && c.Kind == kindExportBackup {
+					if out == "" {
+						return fmt.Errorf("%w: approving a backup export needs --out FILE, where the approval that executes it writes the backup; nothing was signed", errUsage)
+					}
+					if err := refuseExisting("it", out); err != nil {
+						return fmt.Errorf("--out: %w; nothing was signed", err)
+					}
 				}
 				if err := confirm(e, p, decision, yes); err != nil {
 					return err
 				}
-				p, err = decide(ctx, e, c, p, decision)
+				p, err = decide(cctx, e, c, p, decision)
 				if err != nil {
 					return err
 				}
-				return finish(e, p, resultFor(p.GetKind()))
+				return finish(ctx, e, c, p, resultFor(p.GetKind()))
 			},
 		}
 	}
@@ -324,6 +351,9 @@ func proposalCommands() []*command {
 	}
 }
 
+// kindExportBackup is the kind of a backup export proposal.
+const kindExportBackup = "backup.export"
+
 // resultFor returns an empty message of the type a kind's result holds.
 func resultFor(kind string) proto.Message {
 	switch kind {
@@ -341,7 +371,7 @@ func resultFor(kind string) proto.Message {
 		return &coffrev1.RootRotation{}
 	case "root.destroy":
 		return &coffrev1.DestroyRootResponse{}
-	case "backup.export":
+	case kindExportBackup:
 		return &coffrev1.ExportBackupResponse{}
 	}
 	return nil

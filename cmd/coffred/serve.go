@@ -146,13 +146,14 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 	}
 
 	srv := server.New(svc, server.Options{
-		MaxCallTimeout: cfg.Limits.MaxCallTimeout,
-		Logger:         log,
-		AdminCAs:       cfg.TLS.AdminCAs,
-		AuditorCAs:     cfg.TLS.AuditorCAs,
-		Audit:          auditLog,
-		Release:        rel,
-		Quorum:         q,
+		MaxCallTimeout:  cfg.Limits.MaxCallTimeout,
+		MaxMessageBytes: cfg.Limits.MaxMessageBytes,
+		Logger:          log,
+		AdminCAs:        cfg.TLS.AdminCAs,
+		AuditorCAs:      cfg.TLS.AuditorCAs,
+		Audit:           auditLog,
+		Release:         rel,
+		Quorum:          q,
 		DestroyRoot: func(ctx context.Context, id string) error {
 			// Only a previous root can go: the current one wraps every
 			// new KEK version.

@@ -34,30 +34,102 @@ func (s *Server) auditAdminUnary(ctx context.Context, req any, info *grpc.UnaryS
 	if s.audit == nil || !strings.HasPrefix(info.FullMethod, adminPrefix) {
 		return handler(ctx, req)
 	}
-	op := "admin." + strings.TrimPrefix(info.FullMethod, adminPrefix)
+	if err := s.auditAdminCall(ctx, info.FullMethod, req); err != nil {
+		return nil, err
+	}
+	resp, err := handler(ctx, req)
+	if err != nil {
+		s.auditAdminFailure(ctx, info.FullMethod, req, err)
+	}
+	return resp, err
+}
+
+// adminEntry is the audit entry of an AdminService call to method with
+// request req (nil when unknown).
+func (s *Server) adminEntry(ctx context.Context, method string, req any, decision, reason string) *audit.Entry {
 	admin := ""
 	if ci := callInfoFrom(ctx); ci != nil {
 		admin = ci.admin
 	}
-	entry := func(decision, reason string) *audit.Entry {
-		e := &audit.Entry{
-			Time: s.now(), Actor: audit.Actor{Kind: audit.ActorAdmin, ID: admin},
-			Operation: op, Decision: decision, Reason: reason, RequestID: kms.RequestID(ctx),
-		}
+	e := &audit.Entry{
+		Time: s.now(), Actor: audit.Actor{Kind: audit.ActorAdmin, ID: admin},
+		Operation: "admin." + strings.TrimPrefix(method, adminPrefix), Decision: decision, Reason: reason, RequestID: kms.RequestID(ctx),
+	}
+	if req != nil {
 		target(req, e)
-		return e
 	}
-	if _, err := s.audit.Append(ctx, entry(audit.Allow, "")); err != nil {
-		s.log.ErrorContext(ctx, "audit log unwritable: admin call refused", "method", info.FullMethod, "err", err)
-		return nil, status.Error(codes.Unavailable, "the audit log cannot be written; the operation was not performed")
+	return e
+}
+
+// auditAdminCall records that an admin call is about to run; its error is
+// the status that refuses the call when the entry cannot be written.
+func (s *Server) auditAdminCall(ctx context.Context, method string, req any) error {
+	if _, err := s.audit.Append(ctx, s.adminEntry(ctx, method, req, audit.Allow, "")); err != nil {
+		s.log.ErrorContext(ctx, "audit log unwritable: admin call refused", "method", method, "err", err)
+		return status.Error(codes.Unavailable, "the audit log cannot be written; the operation was not performed")
 	}
-	resp, err := handler(ctx, req)
-	if err != nil {
-		if _, aerr := s.audit.Append(context.WithoutCancel(ctx), entry(audit.Deny, "failed: "+status.Convert(err).Message())); aerr != nil {
-			s.log.ErrorContext(ctx, "audit: could not record a failed admin call", "method", info.FullMethod, "err", aerr)
-		}
+	return nil
+}
+
+// auditAdminFailure records that an admin call failed with err.
+func (s *Server) auditAdminFailure(ctx context.Context, method string, req any, err error) {
+	if _, aerr := s.audit.Append(context.WithoutCancel(ctx), s.adminEntry(ctx, method, req, audit.Deny, "failed: "+status.Convert(err).Message())); aerr != nil {
+		s.log.ErrorContext(ctx, "audit: could not record a failed admin call", "method", method, "err", aerr)
 	}
-	return resp, err
+}
+
+// auditAdminStream is auditAdminUnary for AdminService's streams
+// (FetchBackup): the entry is written once the request has been received
+// and before the handler sees it, or before anything is sent, whichever
+// comes first; no entry, no call.
+func (s *Server) auditAdminStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if s.audit == nil || !strings.HasPrefix(info.FullMethod, adminPrefix) {
+		return handler(srv, ss)
+	}
+	as := &auditedStream{ServerStream: ss, s: s, method: info.FullMethod}
+	err := handler(srv, as)
+	if err != nil && as.recorded {
+		s.auditAdminFailure(ss.Context(), info.FullMethod, as.req, err)
+	}
+	return err
+}
+
+// auditedStream writes the call's entry before the first message reaches
+// the handler or the caller. A stream's messages are received by one
+// goroutine and sent by one (grpc's rule), here the handler's.
+type auditedStream struct {
+	grpc.ServerStream
+	s        *Server
+	method   string
+	req      any
+	done     bool  // the entry was attempted
+	recorded bool  // and written
+	err      error // the refusal, if it could not be
+}
+
+func (a *auditedStream) record(req any) error {
+	if a.done {
+		return a.err
+	}
+	a.done, a.req = true, req
+	if a.err = a.s.auditAdminCall(a.Context(), a.method, req); a.err == nil {
+		a.recorded = true
+	}
+	return a.err
+}
+
+func (a *auditedStream) RecvMsg(m any) error {
+	if err := a.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	return a.record(m)
+}
+
+func (a *auditedStream) SendMsg(m any) error {
+	if err := a.record(nil); err != nil {
+		return err
+	}
+	return a.ServerStream.SendMsg(m)
 }
 
 // auditGateRefusal records an admin or auditor call the gate refused.
@@ -83,6 +155,9 @@ func (s *Server) auditGateRefusal(ctx context.Context, method, subject string, e
 func target(req any, e *audit.Entry) {
 	var id string
 	switch r := req.(type) {
+	case interface{ GetProposalId() string }: // stored backups
+		e.Reason = strings.TrimSpace(e.Reason + " proposal=" + r.GetProposalId())
+		return
 	case interface {
 		GetPolicy() *coffrev1.KeyringPolicy
 	}:

@@ -119,7 +119,13 @@ func (s *Server) registerLifecycle(q *quorum.Engine) {
 		if err != nil {
 			return nil, err
 		}
-		return &coffrev1.ExportBackupResponse{Backup: b}, nil
+		// A backup may be larger than any message or stored value: it is
+		// kept in the store, and the result names it (FetchBackup).
+		stored, err := s.svc.StoreBackup(ctx, b)
+		if err != nil {
+			return nil, err
+		}
+		return &coffrev1.ExportBackupResponse{Stored: StoredBackupToProto(stored)}, nil
 	}))
 }
 

@@ -79,7 +79,7 @@ func QuorumAudit(log *audit.Log) func(ctx context.Context, ev quorum.Event) erro
 			e.Actor = audit.Actor{Kind: audit.ActorSystem, ID: "quorum"}
 		}
 		switch ev.Step {
-		case "refuse", "failed", "reject":
+		case "refuse", "failed", "reject", "requeue": // requeue: approved, then not run (the quorum changed)
 			e.Decision = audit.Deny
 		}
 		if p := ev.Proposal; p != nil {
@@ -404,8 +404,8 @@ func (a *adminService) ListProposals(ctx context.Context, req *coffrev1.ListProp
 	}
 	resp := &coffrev1.ListProposalsResponse{}
 	for _, p := range ps[:min(limit, len(ps))] {
-		// A list stays small: content (up to 256 KiB) and result (a
-		// backup) are for GetProposal.
+		// A list stays small: content (up to 256 KiB) and result are for
+		// GetProposal.
 		pp := ProposalToProto(p)
 		pp.Content, pp.Result = nil, nil
 		resp.Proposals = append(resp.Proposals, pp)

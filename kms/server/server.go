@@ -23,7 +23,10 @@
 // [Server.Register] registers AdminService, AttestService, KeyService and
 // the standard health service:
 //   - AdminService: keyrings, and the state of attested release (EK
-//     roots, node classes, nodes, keyring policies); admin-gated.
+//     roots, node classes, nodes, keyring policies), quorum proposals, and
+//     the backups that executed exports keep in the store (FetchBackup
+//     streams one out); admin-gated, and every call, unary or stream, is
+//     audited before it runs.
 //   - AttestService: TPM attestation (Challenge, Complete) that yields a
 //     session. It needs no client certificate — the TPM is the node's
 //     identity — but a deadline like every call.
@@ -107,6 +110,10 @@ type Options struct {
 	// ExportBackup writes a signed backup of the store sealed to a DR
 	// site's transfer key (quorum-gated). Nil refuses.
 	ExportBackup func(ctx context.Context, to *seal.PublicKey) ([]byte, error)
+	// MaxMessageBytes is the largest message the grpc.Server sends (its
+	// MaxSendMsgSize): FetchBackup keeps each message to half of it, at
+	// most 256 KiB. Zero assumes 64 KiB.
+	MaxMessageBytes int
 }
 
 // Server holds the gRPC face of one kms.Service. Create it with [New].
@@ -125,6 +132,10 @@ type Server struct {
 	auditorCAs     *x509.CertPool
 	stopHealth     chan struct{}
 	stopOnce       sync.Once
+
+	// backupMessageData is how many backup bytes a FetchBackup message
+	// carries.
+	backupMessageData int
 }
 
 // New returns a Server over svc. The caller keeps ownership of svc and
@@ -144,6 +155,8 @@ func New(svc *kms.Service, opts Options) *Server {
 		audit:          opts.Audit,
 		auditorCAs:     opts.AuditorCAs,
 		stopHealth:     make(chan struct{}),
+
+		backupMessageData: backupMessageData(opts.MaxMessageBytes),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -194,7 +207,7 @@ func (s *Server) Drain() {
 func (s *Server) ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(s.observeUnary, s.adminGateUnary, s.deadlineUnary, s.auditAdminUnary),
-		grpc.ChainStreamInterceptor(s.observeStream, s.adminGateStream, s.deadlineStream),
+		grpc.ChainStreamInterceptor(s.observeStream, s.adminGateStream, s.deadlineStream, s.auditAdminStream),
 	}
 }
 

@@ -58,6 +58,7 @@ func (s *syncBuffer) String() string {
 type fixture struct {
 	srv      *Server
 	svc      *kms.Service
+	store    store.Store
 	rel      *kms.ReleaseService
 	clock    *testClock
 	addr     string
@@ -102,6 +103,7 @@ func newFixtureWith(t testing.TB, rcfg kms.ReleaseConfig, mods ...func(*Options)
 
 	f := &fixture{
 		svc:      svc,
+		store:    st,
 		rel:      rel,
 		clock:    clock,
 		adminCA:  newTestCA(t, "test admin CA"),

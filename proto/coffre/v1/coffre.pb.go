@@ -997,8 +997,13 @@ func (x *ExportBackupRequest) GetTo() string {
 
 type ExportBackupResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The encrypted, signed backup; see kms/ENVELOPE.md "Backup".
-	Backup        []byte `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
+	// The encrypted, signed backup inline (see kms/ENVELOPE.md "Backup"):
+	// only in the results of servers from before stored backups, which
+	// kept it only up to 256 KiB. Now empty: see stored.
+	Backup []byte `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
+	// The backup as the server keeps it in its store; FetchBackup streams
+	// it, DeleteBackup deletes it.
+	Stored        *BackupManifest `protobuf:"bytes,2,opt,name=stored,proto3" json:"stored,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1040,6 +1045,255 @@ func (x *ExportBackupResponse) GetBackup() []byte {
 	return nil
 }
 
+func (x *ExportBackupResponse) GetStored() *BackupManifest {
+	if x != nil {
+		return x.Stored
+	}
+	return nil
+}
+
+// BackupManifest describes a backup an executed export keeps in the
+// server's store.
+type BackupManifest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Size in bytes and lowercase hex SHA-256 of the whole backup file.
+	Size   uint64 `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
+	Sha256 string `protobuf:"bytes,2,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// How the store holds it: chunks of chunk_size bytes, the last shorter.
+	Chunks        uint32                 `protobuf:"varint,3,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	ChunkSize     uint32                 `protobuf:"varint,4,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupManifest) Reset() {
+	*x = BackupManifest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupManifest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupManifest) ProtoMessage() {}
+
+func (x *BackupManifest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupManifest.ProtoReflect.Descriptor instead.
+func (*BackupManifest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *BackupManifest) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *BackupManifest) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *BackupManifest) GetChunks() uint32 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
+func (x *BackupManifest) GetChunkSize() uint32 {
+	if x != nil {
+		return x.ChunkSize
+	}
+	return 0
+}
+
+func (x *BackupManifest) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+type FetchBackupRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The executed backup.export proposal: its id or a unique prefix of at
+	// least 8 hex digits.
+	ProposalId string `protobuf:"bytes,1,opt,name=proposal_id,json=proposalId,proto3" json:"proposal_id,omitempty"`
+	// Start at this byte of the backup (0: from the start); at most its size.
+	Offset        uint64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FetchBackupRequest) Reset() {
+	*x = FetchBackupRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FetchBackupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FetchBackupRequest) ProtoMessage() {}
+
+func (x *FetchBackupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FetchBackupRequest.ProtoReflect.Descriptor instead.
+func (*FetchBackupRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *FetchBackupRequest) GetProposalId() string {
+	if x != nil {
+		return x.ProposalId
+	}
+	return ""
+}
+
+func (x *FetchBackupRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+type BackupChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set in the first message only, which carries no data.
+	Manifest *BackupManifest `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	// Where data starts in the backup file.
+	Offset        uint64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data          []byte `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupChunk) Reset() {
+	*x = BackupChunk{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupChunk) ProtoMessage() {}
+
+func (x *BackupChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
+func (*BackupChunk) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *BackupChunk) GetManifest() *BackupManifest {
+	if x != nil {
+		return x.Manifest
+	}
+	return nil
+}
+
+func (x *BackupChunk) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *BackupChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type DeleteBackupRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The executed backup.export proposal: its id or a unique prefix.
+	ProposalId    string `protobuf:"bytes,1,opt,name=proposal_id,json=proposalId,proto3" json:"proposal_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteBackupRequest) Reset() {
+	*x = DeleteBackupRequest{}
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteBackupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteBackupRequest) ProtoMessage() {}
+
+func (x *DeleteBackupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteBackupRequest.ProtoReflect.Descriptor instead.
+func (*DeleteBackupRequest) Descriptor() ([]byte, []int) {
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DeleteBackupRequest) GetProposalId() string {
+	if x != nil {
+		return x.ProposalId
+	}
+	return ""
+}
+
 type ProposeRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Operation *Operation             `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
@@ -1052,7 +1306,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1064,7 +1318,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[13]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1077,7 +1331,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{13}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ProposeRequest) GetOperation() *Operation {
@@ -1107,7 +1361,7 @@ type ProposalDecision struct {
 
 func (x *ProposalDecision) Reset() {
 	*x = ProposalDecision{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1119,7 +1373,7 @@ func (x *ProposalDecision) String() string {
 func (*ProposalDecision) ProtoMessage() {}
 
 func (x *ProposalDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[14]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1132,7 +1386,7 @@ func (x *ProposalDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposalDecision.ProtoReflect.Descriptor instead.
 func (*ProposalDecision) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{14}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ProposalDecision) GetAdminId() string {
@@ -1187,7 +1441,7 @@ type Proposal struct {
 
 func (x *Proposal) Reset() {
 	*x = Proposal{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1199,7 +1453,7 @@ func (x *Proposal) String() string {
 func (*Proposal) ProtoMessage() {}
 
 func (x *Proposal) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[15]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1212,7 +1466,7 @@ func (x *Proposal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Proposal.ProtoReflect.Descriptor instead.
 func (*Proposal) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{15}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Proposal) GetId() string {
@@ -1302,7 +1556,7 @@ type GetProposalRequest struct {
 
 func (x *GetProposalRequest) Reset() {
 	*x = GetProposalRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1314,7 +1568,7 @@ func (x *GetProposalRequest) String() string {
 func (*GetProposalRequest) ProtoMessage() {}
 
 func (x *GetProposalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[16]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1327,7 +1581,7 @@ func (x *GetProposalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetProposalRequest.ProtoReflect.Descriptor instead.
 func (*GetProposalRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{16}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetProposalRequest) GetId() string {
@@ -1350,7 +1604,7 @@ type ListProposalsRequest struct {
 
 func (x *ListProposalsRequest) Reset() {
 	*x = ListProposalsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1362,7 +1616,7 @@ func (x *ListProposalsRequest) String() string {
 func (*ListProposalsRequest) ProtoMessage() {}
 
 func (x *ListProposalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[17]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1375,7 +1629,7 @@ func (x *ListProposalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProposalsRequest.ProtoReflect.Descriptor instead.
 func (*ListProposalsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{17}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListProposalsRequest) GetState() string {
@@ -1401,7 +1655,7 @@ type ListProposalsResponse struct {
 
 func (x *ListProposalsResponse) Reset() {
 	*x = ListProposalsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1667,7 @@ func (x *ListProposalsResponse) String() string {
 func (*ListProposalsResponse) ProtoMessage() {}
 
 func (x *ListProposalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[18]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1680,7 @@ func (x *ListProposalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProposalsResponse.ProtoReflect.Descriptor instead.
 func (*ListProposalsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{18}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListProposalsResponse) GetProposals() []*Proposal {
@@ -1452,7 +1706,7 @@ type DecideProposalRequest struct {
 
 func (x *DecideProposalRequest) Reset() {
 	*x = DecideProposalRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1464,7 +1718,7 @@ func (x *DecideProposalRequest) String() string {
 func (*DecideProposalRequest) ProtoMessage() {}
 
 func (x *DecideProposalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[19]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1477,7 +1731,7 @@ func (x *DecideProposalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecideProposalRequest.ProtoReflect.Descriptor instead.
 func (*DecideProposalRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{19}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DecideProposalRequest) GetId() string {
@@ -1521,7 +1775,7 @@ type QuorumAdmin struct {
 
 func (x *QuorumAdmin) Reset() {
 	*x = QuorumAdmin{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1533,7 +1787,7 @@ func (x *QuorumAdmin) String() string {
 func (*QuorumAdmin) ProtoMessage() {}
 
 func (x *QuorumAdmin) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[20]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1546,7 +1800,7 @@ func (x *QuorumAdmin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QuorumAdmin.ProtoReflect.Descriptor instead.
 func (*QuorumAdmin) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{20}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *QuorumAdmin) GetName() string {
@@ -1580,7 +1834,7 @@ type SetQuorumRequest struct {
 
 func (x *SetQuorumRequest) Reset() {
 	*x = SetQuorumRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1592,7 +1846,7 @@ func (x *SetQuorumRequest) String() string {
 func (*SetQuorumRequest) ProtoMessage() {}
 
 func (x *SetQuorumRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[21]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1605,7 +1859,7 @@ func (x *SetQuorumRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetQuorumRequest.ProtoReflect.Descriptor instead.
 func (*SetQuorumRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{21}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SetQuorumRequest) GetThreshold() uint32 {
@@ -1630,7 +1884,7 @@ type GetQuorumRequest struct {
 
 func (x *GetQuorumRequest) Reset() {
 	*x = GetQuorumRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1642,7 +1896,7 @@ func (x *GetQuorumRequest) String() string {
 func (*GetQuorumRequest) ProtoMessage() {}
 
 func (x *GetQuorumRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[22]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1655,7 +1909,7 @@ func (x *GetQuorumRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQuorumRequest.ProtoReflect.Descriptor instead.
 func (*GetQuorumRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{22}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
 }
 
 type Quorum struct {
@@ -1670,7 +1924,7 @@ type Quorum struct {
 
 func (x *Quorum) Reset() {
 	*x = Quorum{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1682,7 +1936,7 @@ func (x *Quorum) String() string {
 func (*Quorum) ProtoMessage() {}
 
 func (x *Quorum) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[23]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1695,7 +1949,7 @@ func (x *Quorum) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quorum.ProtoReflect.Descriptor instead.
 func (*Quorum) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{23}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Quorum) GetVersion() uint64 {
@@ -1742,7 +1996,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1754,7 +2008,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[24]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1767,7 +2021,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{24}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -1826,7 +2080,7 @@ type Keyring struct {
 
 func (x *Keyring) Reset() {
 	*x = Keyring{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1838,7 +2092,7 @@ func (x *Keyring) String() string {
 func (*Keyring) ProtoMessage() {}
 
 func (x *Keyring) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[25]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1851,7 +2105,7 @@ func (x *Keyring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Keyring.ProtoReflect.Descriptor instead.
 func (*Keyring) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{25}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Keyring) GetId() string {
@@ -1928,7 +2182,7 @@ type CreateKeyringRequest struct {
 
 func (x *CreateKeyringRequest) Reset() {
 	*x = CreateKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1940,7 +2194,7 @@ func (x *CreateKeyringRequest) String() string {
 func (*CreateKeyringRequest) ProtoMessage() {}
 
 func (x *CreateKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[26]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1953,7 +2207,7 @@ func (x *CreateKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyringRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{26}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CreateKeyringRequest) GetId() string {
@@ -1972,7 +2226,7 @@ type GetKeyringRequest struct {
 
 func (x *GetKeyringRequest) Reset() {
 	*x = GetKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1984,7 +2238,7 @@ func (x *GetKeyringRequest) String() string {
 func (*GetKeyringRequest) ProtoMessage() {}
 
 func (x *GetKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[27]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1997,7 +2251,7 @@ func (x *GetKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyringRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{27}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GetKeyringRequest) GetId() string {
@@ -2017,7 +2271,7 @@ type ListKeyringsRequest struct {
 
 func (x *ListKeyringsRequest) Reset() {
 	*x = ListKeyringsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2029,7 +2283,7 @@ func (x *ListKeyringsRequest) String() string {
 func (*ListKeyringsRequest) ProtoMessage() {}
 
 func (x *ListKeyringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[28]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2042,7 +2296,7 @@ func (x *ListKeyringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeyringsRequest.ProtoReflect.Descriptor instead.
 func (*ListKeyringsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{28}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListKeyringsRequest) GetTenant() string {
@@ -2061,7 +2315,7 @@ type ListKeyringsResponse struct {
 
 func (x *ListKeyringsResponse) Reset() {
 	*x = ListKeyringsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2073,7 +2327,7 @@ func (x *ListKeyringsResponse) String() string {
 func (*ListKeyringsResponse) ProtoMessage() {}
 
 func (x *ListKeyringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[29]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2086,7 +2340,7 @@ func (x *ListKeyringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeyringsResponse.ProtoReflect.Descriptor instead.
 func (*ListKeyringsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{29}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListKeyringsResponse) GetKeyrings() []*Keyring {
@@ -2105,7 +2359,7 @@ type RotateKeyringRequest struct {
 
 func (x *RotateKeyringRequest) Reset() {
 	*x = RotateKeyringRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2117,7 +2371,7 @@ func (x *RotateKeyringRequest) String() string {
 func (*RotateKeyringRequest) ProtoMessage() {}
 
 func (x *RotateKeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[30]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2384,7 @@ func (x *RotateKeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyringRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{30}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RotateKeyringRequest) GetId() string {
@@ -2155,7 +2409,7 @@ type SealedKey struct {
 
 func (x *SealedKey) Reset() {
 	*x = SealedKey{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2167,7 +2421,7 @@ func (x *SealedKey) String() string {
 func (*SealedKey) ProtoMessage() {}
 
 func (x *SealedKey) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[31]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2180,7 +2434,7 @@ func (x *SealedKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SealedKey.ProtoReflect.Descriptor instead.
 func (*SealedKey) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{31}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SealedKey) GetSeal() isSealedKey_Seal {
@@ -2247,7 +2501,7 @@ type SessionSealed struct {
 
 func (x *SessionSealed) Reset() {
 	*x = SessionSealed{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2259,7 +2513,7 @@ func (x *SessionSealed) String() string {
 func (*SessionSealed) ProtoMessage() {}
 
 func (x *SessionSealed) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[32]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2272,7 +2526,7 @@ func (x *SessionSealed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionSealed.ProtoReflect.Descriptor instead.
 func (*SessionSealed) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{32}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SessionSealed) GetSeq() uint64 {
@@ -2300,7 +2554,7 @@ type TPMDuplicate struct {
 
 func (x *TPMDuplicate) Reset() {
 	*x = TPMDuplicate{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2312,7 +2566,7 @@ func (x *TPMDuplicate) String() string {
 func (*TPMDuplicate) ProtoMessage() {}
 
 func (x *TPMDuplicate) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[33]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2325,7 +2579,7 @@ func (x *TPMDuplicate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TPMDuplicate.ProtoReflect.Descriptor instead.
 func (*TPMDuplicate) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{33}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TPMDuplicate) GetDuplicate() []byte {
@@ -2362,7 +2616,7 @@ type GenerateDataKeyRequest struct {
 
 func (x *GenerateDataKeyRequest) Reset() {
 	*x = GenerateDataKeyRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2374,7 +2628,7 @@ func (x *GenerateDataKeyRequest) String() string {
 func (*GenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[34]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2387,7 +2641,7 @@ func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{34}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GenerateDataKeyRequest) GetKeyring() string {
@@ -2415,7 +2669,7 @@ type GenerateDataKeyResponse struct {
 
 func (x *GenerateDataKeyResponse) Reset() {
 	*x = GenerateDataKeyResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2427,7 +2681,7 @@ func (x *GenerateDataKeyResponse) String() string {
 func (*GenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[35]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2440,7 +2694,7 @@ func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{35}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GenerateDataKeyResponse) GetEnvelope() []byte {
@@ -2474,7 +2728,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2486,7 +2740,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[36]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2499,7 +2753,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{36}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DecryptRequest) GetEnvelope() []byte {
@@ -2525,7 +2779,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2537,7 +2791,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[37]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2550,7 +2804,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{37}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DecryptResponse) GetKey() *SealedKey {
@@ -2574,7 +2828,7 @@ type ReEncryptRequest struct {
 
 func (x *ReEncryptRequest) Reset() {
 	*x = ReEncryptRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2586,7 +2840,7 @@ func (x *ReEncryptRequest) String() string {
 func (*ReEncryptRequest) ProtoMessage() {}
 
 func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[38]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2599,7 +2853,7 @@ func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{38}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ReEncryptRequest) GetEnvelope() []byte {
@@ -2640,7 +2894,7 @@ type ReEncryptResponse struct {
 
 func (x *ReEncryptResponse) Reset() {
 	*x = ReEncryptResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2652,7 +2906,7 @@ func (x *ReEncryptResponse) String() string {
 func (*ReEncryptResponse) ProtoMessage() {}
 
 func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[39]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2665,7 +2919,7 @@ func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{39}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ReEncryptResponse) GetEnvelope() []byte {
@@ -2699,7 +2953,7 @@ type KeyringPolicy struct {
 
 func (x *KeyringPolicy) Reset() {
 	*x = KeyringPolicy{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2711,7 +2965,7 @@ func (x *KeyringPolicy) String() string {
 func (*KeyringPolicy) ProtoMessage() {}
 
 func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[40]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2724,7 +2978,7 @@ func (x *KeyringPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringPolicy.ProtoReflect.Descriptor instead.
 func (*KeyringPolicy) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{40}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *KeyringPolicy) GetKeyring() string {
@@ -2764,7 +3018,7 @@ type SetKeyringPolicyRequest struct {
 
 func (x *SetKeyringPolicyRequest) Reset() {
 	*x = SetKeyringPolicyRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2776,7 +3030,7 @@ func (x *SetKeyringPolicyRequest) String() string {
 func (*SetKeyringPolicyRequest) ProtoMessage() {}
 
 func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[41]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2789,7 +3043,7 @@ func (x *SetKeyringPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyringPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyringPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{41}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *SetKeyringPolicyRequest) GetPolicy() *KeyringPolicy {
@@ -2811,7 +3065,7 @@ type EKRoot struct {
 
 func (x *EKRoot) Reset() {
 	*x = EKRoot{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2823,7 +3077,7 @@ func (x *EKRoot) String() string {
 func (*EKRoot) ProtoMessage() {}
 
 func (x *EKRoot) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[42]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2836,7 +3090,7 @@ func (x *EKRoot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EKRoot.ProtoReflect.Descriptor instead.
 func (*EKRoot) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{42}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *EKRoot) GetFingerprint() string {
@@ -2870,7 +3124,7 @@ type AddEKRootRequest struct {
 
 func (x *AddEKRootRequest) Reset() {
 	*x = AddEKRootRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2882,7 +3136,7 @@ func (x *AddEKRootRequest) String() string {
 func (*AddEKRootRequest) ProtoMessage() {}
 
 func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[43]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2895,7 +3149,7 @@ func (x *AddEKRootRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEKRootRequest.ProtoReflect.Descriptor instead.
 func (*AddEKRootRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{43}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *AddEKRootRequest) GetCertificate() []byte {
@@ -2913,7 +3167,7 @@ type ListEKRootsRequest struct {
 
 func (x *ListEKRootsRequest) Reset() {
 	*x = ListEKRootsRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2925,7 +3179,7 @@ func (x *ListEKRootsRequest) String() string {
 func (*ListEKRootsRequest) ProtoMessage() {}
 
 func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[44]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2938,7 +3192,7 @@ func (x *ListEKRootsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEKRootsRequest.ProtoReflect.Descriptor instead.
 func (*ListEKRootsRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{44}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{48}
 }
 
 type ListEKRootsResponse struct {
@@ -2950,7 +3204,7 @@ type ListEKRootsResponse struct {
 
 func (x *ListEKRootsResponse) Reset() {
 	*x = ListEKRootsResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2962,7 +3216,7 @@ func (x *ListEKRootsResponse) String() string {
 func (*ListEKRootsResponse) ProtoMessage() {}
 
 func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[45]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2975,7 +3229,7 @@ func (x *ListEKRootsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEKRootsResponse.ProtoReflect.Descriptor instead.
 func (*ListEKRootsResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{45}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListEKRootsResponse) GetRoots() []*EKRoot {
@@ -2996,7 +3250,7 @@ type PCRReference struct {
 
 func (x *PCRReference) Reset() {
 	*x = PCRReference{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3008,7 +3262,7 @@ func (x *PCRReference) String() string {
 func (*PCRReference) ProtoMessage() {}
 
 func (x *PCRReference) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[46]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3021,7 +3275,7 @@ func (x *PCRReference) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRReference.ProtoReflect.Descriptor instead.
 func (*PCRReference) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{46}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *PCRReference) GetIndex() uint32 {
@@ -3050,7 +3304,7 @@ type NodeClass struct {
 
 func (x *NodeClass) Reset() {
 	*x = NodeClass{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3062,7 +3316,7 @@ func (x *NodeClass) String() string {
 func (*NodeClass) ProtoMessage() {}
 
 func (x *NodeClass) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[47]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3075,7 +3329,7 @@ func (x *NodeClass) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeClass.ProtoReflect.Descriptor instead.
 func (*NodeClass) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{47}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *NodeClass) GetName() string {
@@ -3108,7 +3362,7 @@ type SetNodeClassRequest struct {
 
 func (x *SetNodeClassRequest) Reset() {
 	*x = SetNodeClassRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3120,7 +3374,7 @@ func (x *SetNodeClassRequest) String() string {
 func (*SetNodeClassRequest) ProtoMessage() {}
 
 func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[48]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3133,7 +3387,7 @@ func (x *SetNodeClassRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeClassRequest.ProtoReflect.Descriptor instead.
 func (*SetNodeClassRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{48}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *SetNodeClassRequest) GetClass() *NodeClass {
@@ -3160,7 +3414,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3172,7 +3426,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[49]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3185,7 +3439,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{49}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *Node) GetName() string {
@@ -3253,7 +3507,7 @@ type EnrollNodeRequest struct {
 
 func (x *EnrollNodeRequest) Reset() {
 	*x = EnrollNodeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3265,7 +3519,7 @@ func (x *EnrollNodeRequest) String() string {
 func (*EnrollNodeRequest) ProtoMessage() {}
 
 func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[50]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3278,7 +3532,7 @@ func (x *EnrollNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrollNodeRequest.ProtoReflect.Descriptor instead.
 func (*EnrollNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{50}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *EnrollNodeRequest) GetName() string {
@@ -3355,7 +3609,7 @@ type RevokeNodeRequest struct {
 
 func (x *RevokeNodeRequest) Reset() {
 	*x = RevokeNodeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3367,7 +3621,7 @@ func (x *RevokeNodeRequest) String() string {
 func (*RevokeNodeRequest) ProtoMessage() {}
 
 func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[51]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3380,7 +3634,7 @@ func (x *RevokeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeNodeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{51}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RevokeNodeRequest) GetName() string {
@@ -3398,7 +3652,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3410,7 +3664,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[52]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3423,7 +3677,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{52}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{56}
 }
 
 type ListNodesResponse struct {
@@ -3435,7 +3689,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3447,7 +3701,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[53]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3460,7 +3714,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{53}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -3484,7 +3738,7 @@ type ChallengeRequest struct {
 
 func (x *ChallengeRequest) Reset() {
 	*x = ChallengeRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3496,7 +3750,7 @@ func (x *ChallengeRequest) String() string {
 func (*ChallengeRequest) ProtoMessage() {}
 
 func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[54]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3509,7 +3763,7 @@ func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeRequest.ProtoReflect.Descriptor instead.
 func (*ChallengeRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{54}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ChallengeRequest) GetEkCertificate() []byte {
@@ -3552,7 +3806,7 @@ type ChallengeResponse struct {
 
 func (x *ChallengeResponse) Reset() {
 	*x = ChallengeResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3564,7 +3818,7 @@ func (x *ChallengeResponse) String() string {
 func (*ChallengeResponse) ProtoMessage() {}
 
 func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[55]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3577,7 +3831,7 @@ func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeResponse.ProtoReflect.Descriptor instead.
 func (*ChallengeResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{55}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ChallengeResponse) GetChallengeId() string {
@@ -3632,7 +3886,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3644,7 +3898,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[56]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3657,7 +3911,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{56}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -3697,7 +3951,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3709,7 +3963,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[57]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3722,7 +3976,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{57}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *CompleteRequest) GetChallengeId() string {
@@ -3804,7 +4058,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_coffre_v1_coffre_proto_msgTypes[58]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3816,7 +4070,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coffre_v1_coffre_proto_msgTypes[58]
+	mi := &file_coffre_v1_coffre_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3829,7 +4083,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{58}
+	return file_coffre_v1_coffre_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *CompleteResponse) GetSessionToken() string {
@@ -3930,9 +4184,29 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x13DestroyRootResponse\x12\x17\n" +
 	"\aroot_id\x18\x01 \x01(\tR\x06rootId\"%\n" +
 	"\x13ExportBackupRequest\x12\x0e\n" +
-	"\x02to\x18\x01 \x01(\tR\x02to\".\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\"a\n" +
 	"\x14ExportBackupResponse\x12\x16\n" +
-	"\x06backup\x18\x01 \x01(\fR\x06backup\"e\n" +
+	"\x06backup\x18\x01 \x01(\fR\x06backup\x121\n" +
+	"\x06stored\x18\x02 \x01(\v2\x19.coffre.v1.BackupManifestR\x06stored\"\xb0\x01\n" +
+	"\x0eBackupManifest\x12\x12\n" +
+	"\x04size\x18\x01 \x01(\x04R\x04size\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\tR\x06sha256\x12\x16\n" +
+	"\x06chunks\x18\x03 \x01(\rR\x06chunks\x12\x1d\n" +
+	"\n" +
+	"chunk_size\x18\x04 \x01(\rR\tchunkSize\x12;\n" +
+	"\vcreate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\"M\n" +
+	"\x12FetchBackupRequest\x12\x1f\n" +
+	"\vproposal_id\x18\x01 \x01(\tR\n" +
+	"proposalId\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\"p\n" +
+	"\vBackupChunk\x125\n" +
+	"\bmanifest\x18\x01 \x01(\v2\x19.coffre.v1.BackupManifestR\bmanifest\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x12\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"6\n" +
+	"\x13DeleteBackupRequest\x12\x1f\n" +
+	"\vproposal_id\x18\x01 \x01(\tR\n" +
+	"proposalId\"e\n" +
 	"\x0eProposeRequest\x122\n" +
 	"\toperation\x18\x01 \x01(\v2\x14.coffre.v1.OperationR\toperation\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\rR\n" +
@@ -4170,7 +4444,7 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NODE_STATE_ENROLLED\x10\x01\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x022\xfc\v\n" +
+	"\x12NODE_STATE_REVOKED\x10\x022\x8f\r\n" +
 	"\fAdminService\x12D\n" +
 	"\rCreateKeyring\x12\x1f.coffre.v1.CreateKeyringRequest\x1a\x12.coffre.v1.Keyring\x12>\n" +
 	"\n" +
@@ -4194,7 +4468,9 @@ const file_coffre_v1_coffre_proto_rawDesc = "" +
 	"\x0eDecideProposal\x12 .coffre.v1.DecideProposalRequest\x1a\x13.coffre.v1.Proposal\x12<\n" +
 	"\n" +
 	"InitQuorum\x12\x1b.coffre.v1.SetQuorumRequest\x1a\x11.coffre.v1.Quorum\x12;\n" +
-	"\tGetQuorum\x12\x1b.coffre.v1.GetQuorumRequest\x1a\x11.coffre.v1.Quorum2\x9c\x01\n" +
+	"\tGetQuorum\x12\x1b.coffre.v1.GetQuorumRequest\x1a\x11.coffre.v1.Quorum\x12F\n" +
+	"\vFetchBackup\x12\x1d.coffre.v1.FetchBackupRequest\x1a\x16.coffre.v1.BackupChunk0\x01\x12I\n" +
+	"\fDeleteBackup\x12\x1e.coffre.v1.DeleteBackupRequest\x1a\x19.coffre.v1.BackupManifest2\x9c\x01\n" +
 	"\rAttestService\x12F\n" +
 	"\tChallenge\x12\x1b.coffre.v1.ChallengeRequest\x1a\x1c.coffre.v1.ChallengeResponse\x12C\n" +
 	"\bComplete\x12\x1a.coffre.v1.CompleteRequest\x1a\x1b.coffre.v1.CompleteResponse2\xf0\x01\n" +
@@ -4217,7 +4493,7 @@ func file_coffre_v1_coffre_proto_rawDescGZIP() []byte {
 }
 
 var file_coffre_v1_coffre_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
+var file_coffre_v1_coffre_proto_msgTypes = make([]protoimpl.MessageInfo, 72)
 var file_coffre_v1_coffre_proto_goTypes = []any{
 	(KeyState)(0),                         // 0: coffre.v1.KeyState
 	(Release)(0),                          // 1: coffre.v1.Release
@@ -4235,173 +4511,184 @@ var file_coffre_v1_coffre_proto_goTypes = []any{
 	(*DestroyRootResponse)(nil),           // 13: coffre.v1.DestroyRootResponse
 	(*ExportBackupRequest)(nil),           // 14: coffre.v1.ExportBackupRequest
 	(*ExportBackupResponse)(nil),          // 15: coffre.v1.ExportBackupResponse
-	(*ProposeRequest)(nil),                // 16: coffre.v1.ProposeRequest
-	(*ProposalDecision)(nil),              // 17: coffre.v1.ProposalDecision
-	(*Proposal)(nil),                      // 18: coffre.v1.Proposal
-	(*GetProposalRequest)(nil),            // 19: coffre.v1.GetProposalRequest
-	(*ListProposalsRequest)(nil),          // 20: coffre.v1.ListProposalsRequest
-	(*ListProposalsResponse)(nil),         // 21: coffre.v1.ListProposalsResponse
-	(*DecideProposalRequest)(nil),         // 22: coffre.v1.DecideProposalRequest
-	(*QuorumAdmin)(nil),                   // 23: coffre.v1.QuorumAdmin
-	(*SetQuorumRequest)(nil),              // 24: coffre.v1.SetQuorumRequest
-	(*GetQuorumRequest)(nil),              // 25: coffre.v1.GetQuorumRequest
-	(*Quorum)(nil),                        // 26: coffre.v1.Quorum
-	(*KeyVersion)(nil),                    // 27: coffre.v1.KeyVersion
-	(*Keyring)(nil),                       // 28: coffre.v1.Keyring
-	(*CreateKeyringRequest)(nil),          // 29: coffre.v1.CreateKeyringRequest
-	(*GetKeyringRequest)(nil),             // 30: coffre.v1.GetKeyringRequest
-	(*ListKeyringsRequest)(nil),           // 31: coffre.v1.ListKeyringsRequest
-	(*ListKeyringsResponse)(nil),          // 32: coffre.v1.ListKeyringsResponse
-	(*RotateKeyringRequest)(nil),          // 33: coffre.v1.RotateKeyringRequest
-	(*SealedKey)(nil),                     // 34: coffre.v1.SealedKey
-	(*SessionSealed)(nil),                 // 35: coffre.v1.SessionSealed
-	(*TPMDuplicate)(nil),                  // 36: coffre.v1.TPMDuplicate
-	(*GenerateDataKeyRequest)(nil),        // 37: coffre.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil),       // 38: coffre.v1.GenerateDataKeyResponse
-	(*DecryptRequest)(nil),                // 39: coffre.v1.DecryptRequest
-	(*DecryptResponse)(nil),               // 40: coffre.v1.DecryptResponse
-	(*ReEncryptRequest)(nil),              // 41: coffre.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),             // 42: coffre.v1.ReEncryptResponse
-	(*KeyringPolicy)(nil),                 // 43: coffre.v1.KeyringPolicy
-	(*SetKeyringPolicyRequest)(nil),       // 44: coffre.v1.SetKeyringPolicyRequest
-	(*EKRoot)(nil),                        // 45: coffre.v1.EKRoot
-	(*AddEKRootRequest)(nil),              // 46: coffre.v1.AddEKRootRequest
-	(*ListEKRootsRequest)(nil),            // 47: coffre.v1.ListEKRootsRequest
-	(*ListEKRootsResponse)(nil),           // 48: coffre.v1.ListEKRootsResponse
-	(*PCRReference)(nil),                  // 49: coffre.v1.PCRReference
-	(*NodeClass)(nil),                     // 50: coffre.v1.NodeClass
-	(*SetNodeClassRequest)(nil),           // 51: coffre.v1.SetNodeClassRequest
-	(*Node)(nil),                          // 52: coffre.v1.Node
-	(*EnrollNodeRequest)(nil),             // 53: coffre.v1.EnrollNodeRequest
-	(*RevokeNodeRequest)(nil),             // 54: coffre.v1.RevokeNodeRequest
-	(*ListNodesRequest)(nil),              // 55: coffre.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),             // 56: coffre.v1.ListNodesResponse
-	(*ChallengeRequest)(nil),              // 57: coffre.v1.ChallengeRequest
-	(*ChallengeResponse)(nil),             // 58: coffre.v1.ChallengeResponse
-	(*PCRValue)(nil),                      // 59: coffre.v1.PCRValue
-	(*CompleteRequest)(nil),               // 60: coffre.v1.CompleteRequest
-	(*CompleteResponse)(nil),              // 61: coffre.v1.CompleteResponse
-	nil,                                   // 62: coffre.v1.RewrapEnvelopeRequest.ContextEntry
-	nil,                                   // 63: coffre.v1.GenerateDataKeyRequest.ContextEntry
-	nil,                                   // 64: coffre.v1.DecryptRequest.ContextEntry
-	nil,                                   // 65: coffre.v1.ReEncryptRequest.ContextEntry
-	nil,                                   // 66: coffre.v1.ReEncryptRequest.DestinationContextEntry
-	nil,                                   // 67: coffre.v1.KeyringPolicy.RequiredLabelsEntry
-	nil,                                   // 68: coffre.v1.Node.LabelsEntry
-	nil,                                   // 69: coffre.v1.EnrollNodeRequest.LabelsEntry
-	nil,                                   // 70: coffre.v1.CompleteResponse.LabelsEntry
-	(*timestamppb.Timestamp)(nil),         // 71: google.protobuf.Timestamp
+	(*BackupManifest)(nil),                // 16: coffre.v1.BackupManifest
+	(*FetchBackupRequest)(nil),            // 17: coffre.v1.FetchBackupRequest
+	(*BackupChunk)(nil),                   // 18: coffre.v1.BackupChunk
+	(*DeleteBackupRequest)(nil),           // 19: coffre.v1.DeleteBackupRequest
+	(*ProposeRequest)(nil),                // 20: coffre.v1.ProposeRequest
+	(*ProposalDecision)(nil),              // 21: coffre.v1.ProposalDecision
+	(*Proposal)(nil),                      // 22: coffre.v1.Proposal
+	(*GetProposalRequest)(nil),            // 23: coffre.v1.GetProposalRequest
+	(*ListProposalsRequest)(nil),          // 24: coffre.v1.ListProposalsRequest
+	(*ListProposalsResponse)(nil),         // 25: coffre.v1.ListProposalsResponse
+	(*DecideProposalRequest)(nil),         // 26: coffre.v1.DecideProposalRequest
+	(*QuorumAdmin)(nil),                   // 27: coffre.v1.QuorumAdmin
+	(*SetQuorumRequest)(nil),              // 28: coffre.v1.SetQuorumRequest
+	(*GetQuorumRequest)(nil),              // 29: coffre.v1.GetQuorumRequest
+	(*Quorum)(nil),                        // 30: coffre.v1.Quorum
+	(*KeyVersion)(nil),                    // 31: coffre.v1.KeyVersion
+	(*Keyring)(nil),                       // 32: coffre.v1.Keyring
+	(*CreateKeyringRequest)(nil),          // 33: coffre.v1.CreateKeyringRequest
+	(*GetKeyringRequest)(nil),             // 34: coffre.v1.GetKeyringRequest
+	(*ListKeyringsRequest)(nil),           // 35: coffre.v1.ListKeyringsRequest
+	(*ListKeyringsResponse)(nil),          // 36: coffre.v1.ListKeyringsResponse
+	(*RotateKeyringRequest)(nil),          // 37: coffre.v1.RotateKeyringRequest
+	(*SealedKey)(nil),                     // 38: coffre.v1.SealedKey
+	(*SessionSealed)(nil),                 // 39: coffre.v1.SessionSealed
+	(*TPMDuplicate)(nil),                  // 40: coffre.v1.TPMDuplicate
+	(*GenerateDataKeyRequest)(nil),        // 41: coffre.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),       // 42: coffre.v1.GenerateDataKeyResponse
+	(*DecryptRequest)(nil),                // 43: coffre.v1.DecryptRequest
+	(*DecryptResponse)(nil),               // 44: coffre.v1.DecryptResponse
+	(*ReEncryptRequest)(nil),              // 45: coffre.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),             // 46: coffre.v1.ReEncryptResponse
+	(*KeyringPolicy)(nil),                 // 47: coffre.v1.KeyringPolicy
+	(*SetKeyringPolicyRequest)(nil),       // 48: coffre.v1.SetKeyringPolicyRequest
+	(*EKRoot)(nil),                        // 49: coffre.v1.EKRoot
+	(*AddEKRootRequest)(nil),              // 50: coffre.v1.AddEKRootRequest
+	(*ListEKRootsRequest)(nil),            // 51: coffre.v1.ListEKRootsRequest
+	(*ListEKRootsResponse)(nil),           // 52: coffre.v1.ListEKRootsResponse
+	(*PCRReference)(nil),                  // 53: coffre.v1.PCRReference
+	(*NodeClass)(nil),                     // 54: coffre.v1.NodeClass
+	(*SetNodeClassRequest)(nil),           // 55: coffre.v1.SetNodeClassRequest
+	(*Node)(nil),                          // 56: coffre.v1.Node
+	(*EnrollNodeRequest)(nil),             // 57: coffre.v1.EnrollNodeRequest
+	(*RevokeNodeRequest)(nil),             // 58: coffre.v1.RevokeNodeRequest
+	(*ListNodesRequest)(nil),              // 59: coffre.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),             // 60: coffre.v1.ListNodesResponse
+	(*ChallengeRequest)(nil),              // 61: coffre.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),             // 62: coffre.v1.ChallengeResponse
+	(*PCRValue)(nil),                      // 63: coffre.v1.PCRValue
+	(*CompleteRequest)(nil),               // 64: coffre.v1.CompleteRequest
+	(*CompleteResponse)(nil),              // 65: coffre.v1.CompleteResponse
+	nil,                                   // 66: coffre.v1.RewrapEnvelopeRequest.ContextEntry
+	nil,                                   // 67: coffre.v1.GenerateDataKeyRequest.ContextEntry
+	nil,                                   // 68: coffre.v1.DecryptRequest.ContextEntry
+	nil,                                   // 69: coffre.v1.ReEncryptRequest.ContextEntry
+	nil,                                   // 70: coffre.v1.ReEncryptRequest.DestinationContextEntry
+	nil,                                   // 71: coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	nil,                                   // 72: coffre.v1.Node.LabelsEntry
+	nil,                                   // 73: coffre.v1.EnrollNodeRequest.LabelsEntry
+	nil,                                   // 74: coffre.v1.CompleteResponse.LabelsEntry
+	(*timestamppb.Timestamp)(nil),         // 75: google.protobuf.Timestamp
 }
 var file_coffre_v1_coffre_proto_depIdxs = []int32{
-	44, // 0: coffre.v1.Operation.set_keyring_policy:type_name -> coffre.v1.SetKeyringPolicyRequest
-	46, // 1: coffre.v1.Operation.add_ek_root:type_name -> coffre.v1.AddEKRootRequest
-	51, // 2: coffre.v1.Operation.set_node_class:type_name -> coffre.v1.SetNodeClassRequest
-	53, // 3: coffre.v1.Operation.enroll_node:type_name -> coffre.v1.EnrollNodeRequest
-	54, // 4: coffre.v1.Operation.revoke_node:type_name -> coffre.v1.RevokeNodeRequest
-	24, // 5: coffre.v1.Operation.set_quorum:type_name -> coffre.v1.SetQuorumRequest
+	48, // 0: coffre.v1.Operation.set_keyring_policy:type_name -> coffre.v1.SetKeyringPolicyRequest
+	50, // 1: coffre.v1.Operation.add_ek_root:type_name -> coffre.v1.AddEKRootRequest
+	55, // 2: coffre.v1.Operation.set_node_class:type_name -> coffre.v1.SetNodeClassRequest
+	57, // 3: coffre.v1.Operation.enroll_node:type_name -> coffre.v1.EnrollNodeRequest
+	58, // 4: coffre.v1.Operation.revoke_node:type_name -> coffre.v1.RevokeNodeRequest
+	28, // 5: coffre.v1.Operation.set_quorum:type_name -> coffre.v1.SetQuorumRequest
 	9,  // 6: coffre.v1.Operation.schedule_key_destruction:type_name -> coffre.v1.ScheduleKeyDestructionRequest
 	10, // 7: coffre.v1.Operation.rotate_root:type_name -> coffre.v1.RotateRootRequest
 	12, // 8: coffre.v1.Operation.destroy_root:type_name -> coffre.v1.DestroyRootRequest
 	14, // 9: coffre.v1.Operation.export_backup:type_name -> coffre.v1.ExportBackupRequest
-	62, // 10: coffre.v1.RewrapEnvelopeRequest.context:type_name -> coffre.v1.RewrapEnvelopeRequest.ContextEntry
-	3,  // 11: coffre.v1.ProposeRequest.operation:type_name -> coffre.v1.Operation
-	71, // 12: coffre.v1.ProposalDecision.time:type_name -> google.protobuf.Timestamp
-	17, // 13: coffre.v1.Proposal.decisions:type_name -> coffre.v1.ProposalDecision
-	71, // 14: coffre.v1.Proposal.create_time:type_name -> google.protobuf.Timestamp
-	71, // 15: coffre.v1.Proposal.expire_time:type_name -> google.protobuf.Timestamp
-	18, // 16: coffre.v1.ListProposalsResponse.proposals:type_name -> coffre.v1.Proposal
-	23, // 17: coffre.v1.SetQuorumRequest.admins:type_name -> coffre.v1.QuorumAdmin
-	23, // 18: coffre.v1.Quorum.admins:type_name -> coffre.v1.QuorumAdmin
-	23, // 19: coffre.v1.Quorum.revoked:type_name -> coffre.v1.QuorumAdmin
-	0,  // 20: coffre.v1.KeyVersion.state:type_name -> coffre.v1.KeyState
-	71, // 21: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	71, // 22: coffre.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
-	71, // 23: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
-	27, // 24: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
-	71, // 25: coffre.v1.Keyring.next_rotation_time:type_name -> google.protobuf.Timestamp
-	28, // 26: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
-	36, // 27: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
-	35, // 28: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
-	63, // 29: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
-	34, // 30: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
-	64, // 31: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
-	34, // 32: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
-	65, // 33: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
-	66, // 34: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
-	67, // 35: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
-	1,  // 36: coffre.v1.KeyringPolicy.release:type_name -> coffre.v1.Release
-	43, // 37: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
-	71, // 38: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
-	45, // 39: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
-	49, // 40: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
-	50, // 41: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
-	68, // 42: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
-	2,  // 43: coffre.v1.Node.state:type_name -> coffre.v1.NodeState
-	71, // 44: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
-	71, // 45: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
-	69, // 46: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
-	52, // 47: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
-	71, // 48: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
-	59, // 49: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
-	71, // 50: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
-	70, // 51: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
-	29, // 52: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
-	30, // 53: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
-	31, // 54: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
-	33, // 55: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
-	4,  // 56: coffre.v1.AdminService.DisableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
-	4,  // 57: coffre.v1.AdminService.EnableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
-	4,  // 58: coffre.v1.AdminService.CancelKeyDestruction:input_type -> coffre.v1.KeyVersionRequest
-	4,  // 59: coffre.v1.AdminService.MarkKeyVersionCompromised:input_type -> coffre.v1.KeyVersionRequest
-	5,  // 60: coffre.v1.AdminService.AddKeyVersion:input_type -> coffre.v1.AddKeyVersionRequest
-	4,  // 61: coffre.v1.AdminService.PromoteKeyVersion:input_type -> coffre.v1.KeyVersionRequest
-	4,  // 62: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
-	6,  // 63: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
-	7,  // 64: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
-	47, // 65: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
-	55, // 66: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
-	16, // 67: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
-	19, // 68: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
-	20, // 69: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
-	22, // 70: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
-	24, // 71: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
-	25, // 72: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
-	57, // 73: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
-	60, // 74: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
-	37, // 75: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
-	39, // 76: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
-	41, // 77: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
-	28, // 78: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
-	28, // 79: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
-	32, // 80: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
-	28, // 81: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
-	28, // 82: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
-	28, // 83: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
-	28, // 84: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
-	28, // 85: coffre.v1.AdminService.MarkKeyVersionCompromised:output_type -> coffre.v1.Keyring
-	28, // 86: coffre.v1.AdminService.AddKeyVersion:output_type -> coffre.v1.Keyring
-	28, // 87: coffre.v1.AdminService.PromoteKeyVersion:output_type -> coffre.v1.Keyring
-	28, // 88: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
-	28, // 89: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
-	8,  // 90: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
-	48, // 91: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
-	56, // 92: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
-	18, // 93: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
-	18, // 94: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
-	21, // 95: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
-	18, // 96: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
-	26, // 97: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
-	26, // 98: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
-	58, // 99: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
-	61, // 100: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
-	38, // 101: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
-	40, // 102: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
-	42, // 103: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
-	78, // [78:104] is the sub-list for method output_type
-	52, // [52:78] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	66, // 10: coffre.v1.RewrapEnvelopeRequest.context:type_name -> coffre.v1.RewrapEnvelopeRequest.ContextEntry
+	16, // 11: coffre.v1.ExportBackupResponse.stored:type_name -> coffre.v1.BackupManifest
+	75, // 12: coffre.v1.BackupManifest.create_time:type_name -> google.protobuf.Timestamp
+	16, // 13: coffre.v1.BackupChunk.manifest:type_name -> coffre.v1.BackupManifest
+	3,  // 14: coffre.v1.ProposeRequest.operation:type_name -> coffre.v1.Operation
+	75, // 15: coffre.v1.ProposalDecision.time:type_name -> google.protobuf.Timestamp
+	21, // 16: coffre.v1.Proposal.decisions:type_name -> coffre.v1.ProposalDecision
+	75, // 17: coffre.v1.Proposal.create_time:type_name -> google.protobuf.Timestamp
+	75, // 18: coffre.v1.Proposal.expire_time:type_name -> google.protobuf.Timestamp
+	22, // 19: coffre.v1.ListProposalsResponse.proposals:type_name -> coffre.v1.Proposal
+	27, // 20: coffre.v1.SetQuorumRequest.admins:type_name -> coffre.v1.QuorumAdmin
+	27, // 21: coffre.v1.Quorum.admins:type_name -> coffre.v1.QuorumAdmin
+	27, // 22: coffre.v1.Quorum.revoked:type_name -> coffre.v1.QuorumAdmin
+	0,  // 23: coffre.v1.KeyVersion.state:type_name -> coffre.v1.KeyState
+	75, // 24: coffre.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	75, // 25: coffre.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	75, // 26: coffre.v1.Keyring.create_time:type_name -> google.protobuf.Timestamp
+	31, // 27: coffre.v1.Keyring.versions:type_name -> coffre.v1.KeyVersion
+	75, // 28: coffre.v1.Keyring.next_rotation_time:type_name -> google.protobuf.Timestamp
+	32, // 29: coffre.v1.ListKeyringsResponse.keyrings:type_name -> coffre.v1.Keyring
+	40, // 30: coffre.v1.SealedKey.tpm:type_name -> coffre.v1.TPMDuplicate
+	39, // 31: coffre.v1.SealedKey.session:type_name -> coffre.v1.SessionSealed
+	67, // 32: coffre.v1.GenerateDataKeyRequest.context:type_name -> coffre.v1.GenerateDataKeyRequest.ContextEntry
+	38, // 33: coffre.v1.GenerateDataKeyResponse.key:type_name -> coffre.v1.SealedKey
+	68, // 34: coffre.v1.DecryptRequest.context:type_name -> coffre.v1.DecryptRequest.ContextEntry
+	38, // 35: coffre.v1.DecryptResponse.key:type_name -> coffre.v1.SealedKey
+	69, // 36: coffre.v1.ReEncryptRequest.context:type_name -> coffre.v1.ReEncryptRequest.ContextEntry
+	70, // 37: coffre.v1.ReEncryptRequest.destination_context:type_name -> coffre.v1.ReEncryptRequest.DestinationContextEntry
+	71, // 38: coffre.v1.KeyringPolicy.required_labels:type_name -> coffre.v1.KeyringPolicy.RequiredLabelsEntry
+	1,  // 39: coffre.v1.KeyringPolicy.release:type_name -> coffre.v1.Release
+	47, // 40: coffre.v1.SetKeyringPolicyRequest.policy:type_name -> coffre.v1.KeyringPolicy
+	75, // 41: coffre.v1.EKRoot.not_after:type_name -> google.protobuf.Timestamp
+	49, // 42: coffre.v1.ListEKRootsResponse.roots:type_name -> coffre.v1.EKRoot
+	53, // 43: coffre.v1.NodeClass.pcrs:type_name -> coffre.v1.PCRReference
+	54, // 44: coffre.v1.SetNodeClassRequest.class:type_name -> coffre.v1.NodeClass
+	72, // 45: coffre.v1.Node.labels:type_name -> coffre.v1.Node.LabelsEntry
+	2,  // 46: coffre.v1.Node.state:type_name -> coffre.v1.NodeState
+	75, // 47: coffre.v1.Node.enroll_time:type_name -> google.protobuf.Timestamp
+	75, // 48: coffre.v1.Node.revoke_time:type_name -> google.protobuf.Timestamp
+	73, // 49: coffre.v1.EnrollNodeRequest.labels:type_name -> coffre.v1.EnrollNodeRequest.LabelsEntry
+	56, // 50: coffre.v1.ListNodesResponse.nodes:type_name -> coffre.v1.Node
+	75, // 51: coffre.v1.ChallengeResponse.expire_time:type_name -> google.protobuf.Timestamp
+	63, // 52: coffre.v1.CompleteRequest.pcrs:type_name -> coffre.v1.PCRValue
+	75, // 53: coffre.v1.CompleteResponse.expire_time:type_name -> google.protobuf.Timestamp
+	74, // 54: coffre.v1.CompleteResponse.labels:type_name -> coffre.v1.CompleteResponse.LabelsEntry
+	33, // 55: coffre.v1.AdminService.CreateKeyring:input_type -> coffre.v1.CreateKeyringRequest
+	34, // 56: coffre.v1.AdminService.GetKeyring:input_type -> coffre.v1.GetKeyringRequest
+	35, // 57: coffre.v1.AdminService.ListKeyrings:input_type -> coffre.v1.ListKeyringsRequest
+	37, // 58: coffre.v1.AdminService.RotateKeyring:input_type -> coffre.v1.RotateKeyringRequest
+	4,  // 59: coffre.v1.AdminService.DisableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 60: coffre.v1.AdminService.EnableKeyVersion:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 61: coffre.v1.AdminService.CancelKeyDestruction:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 62: coffre.v1.AdminService.MarkKeyVersionCompromised:input_type -> coffre.v1.KeyVersionRequest
+	5,  // 63: coffre.v1.AdminService.AddKeyVersion:input_type -> coffre.v1.AddKeyVersionRequest
+	4,  // 64: coffre.v1.AdminService.PromoteKeyVersion:input_type -> coffre.v1.KeyVersionRequest
+	4,  // 65: coffre.v1.AdminService.SetMinDecryptionVersion:input_type -> coffre.v1.KeyVersionRequest
+	6,  // 66: coffre.v1.AdminService.SetRotationPeriod:input_type -> coffre.v1.SetRotationPeriodRequest
+	7,  // 67: coffre.v1.AdminService.RewrapEnvelope:input_type -> coffre.v1.RewrapEnvelopeRequest
+	51, // 68: coffre.v1.AdminService.ListEKRoots:input_type -> coffre.v1.ListEKRootsRequest
+	59, // 69: coffre.v1.AdminService.ListNodes:input_type -> coffre.v1.ListNodesRequest
+	20, // 70: coffre.v1.AdminService.Propose:input_type -> coffre.v1.ProposeRequest
+	23, // 71: coffre.v1.AdminService.GetProposal:input_type -> coffre.v1.GetProposalRequest
+	24, // 72: coffre.v1.AdminService.ListProposals:input_type -> coffre.v1.ListProposalsRequest
+	26, // 73: coffre.v1.AdminService.DecideProposal:input_type -> coffre.v1.DecideProposalRequest
+	28, // 74: coffre.v1.AdminService.InitQuorum:input_type -> coffre.v1.SetQuorumRequest
+	29, // 75: coffre.v1.AdminService.GetQuorum:input_type -> coffre.v1.GetQuorumRequest
+	17, // 76: coffre.v1.AdminService.FetchBackup:input_type -> coffre.v1.FetchBackupRequest
+	19, // 77: coffre.v1.AdminService.DeleteBackup:input_type -> coffre.v1.DeleteBackupRequest
+	61, // 78: coffre.v1.AttestService.Challenge:input_type -> coffre.v1.ChallengeRequest
+	64, // 79: coffre.v1.AttestService.Complete:input_type -> coffre.v1.CompleteRequest
+	41, // 80: coffre.v1.KeyService.GenerateDataKey:input_type -> coffre.v1.GenerateDataKeyRequest
+	43, // 81: coffre.v1.KeyService.Decrypt:input_type -> coffre.v1.DecryptRequest
+	45, // 82: coffre.v1.KeyService.ReEncrypt:input_type -> coffre.v1.ReEncryptRequest
+	32, // 83: coffre.v1.AdminService.CreateKeyring:output_type -> coffre.v1.Keyring
+	32, // 84: coffre.v1.AdminService.GetKeyring:output_type -> coffre.v1.Keyring
+	36, // 85: coffre.v1.AdminService.ListKeyrings:output_type -> coffre.v1.ListKeyringsResponse
+	32, // 86: coffre.v1.AdminService.RotateKeyring:output_type -> coffre.v1.Keyring
+	32, // 87: coffre.v1.AdminService.DisableKeyVersion:output_type -> coffre.v1.Keyring
+	32, // 88: coffre.v1.AdminService.EnableKeyVersion:output_type -> coffre.v1.Keyring
+	32, // 89: coffre.v1.AdminService.CancelKeyDestruction:output_type -> coffre.v1.Keyring
+	32, // 90: coffre.v1.AdminService.MarkKeyVersionCompromised:output_type -> coffre.v1.Keyring
+	32, // 91: coffre.v1.AdminService.AddKeyVersion:output_type -> coffre.v1.Keyring
+	32, // 92: coffre.v1.AdminService.PromoteKeyVersion:output_type -> coffre.v1.Keyring
+	32, // 93: coffre.v1.AdminService.SetMinDecryptionVersion:output_type -> coffre.v1.Keyring
+	32, // 94: coffre.v1.AdminService.SetRotationPeriod:output_type -> coffre.v1.Keyring
+	8,  // 95: coffre.v1.AdminService.RewrapEnvelope:output_type -> coffre.v1.RewrapEnvelopeResponse
+	52, // 96: coffre.v1.AdminService.ListEKRoots:output_type -> coffre.v1.ListEKRootsResponse
+	60, // 97: coffre.v1.AdminService.ListNodes:output_type -> coffre.v1.ListNodesResponse
+	22, // 98: coffre.v1.AdminService.Propose:output_type -> coffre.v1.Proposal
+	22, // 99: coffre.v1.AdminService.GetProposal:output_type -> coffre.v1.Proposal
+	25, // 100: coffre.v1.AdminService.ListProposals:output_type -> coffre.v1.ListProposalsResponse
+	22, // 101: coffre.v1.AdminService.DecideProposal:output_type -> coffre.v1.Proposal
+	30, // 102: coffre.v1.AdminService.InitQuorum:output_type -> coffre.v1.Quorum
+	30, // 103: coffre.v1.AdminService.GetQuorum:output_type -> coffre.v1.Quorum
+	18, // 104: coffre.v1.AdminService.FetchBackup:output_type -> coffre.v1.BackupChunk
+	16, // 105: coffre.v1.AdminService.DeleteBackup:output_type -> coffre.v1.BackupManifest
+	62, // 106: coffre.v1.AttestService.Challenge:output_type -> coffre.v1.ChallengeResponse
+	65, // 107: coffre.v1.AttestService.Complete:output_type -> coffre.v1.CompleteResponse
+	42, // 108: coffre.v1.KeyService.GenerateDataKey:output_type -> coffre.v1.GenerateDataKeyResponse
+	44, // 109: coffre.v1.KeyService.Decrypt:output_type -> coffre.v1.DecryptResponse
+	46, // 110: coffre.v1.KeyService.ReEncrypt:output_type -> coffre.v1.ReEncryptResponse
+	83, // [83:111] is the sub-list for method output_type
+	55, // [55:83] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_coffre_v1_coffre_proto_init() }
@@ -4421,11 +4708,11 @@ func file_coffre_v1_coffre_proto_init() {
 		(*Operation_DestroyRoot)(nil),
 		(*Operation_ExportBackup)(nil),
 	}
-	file_coffre_v1_coffre_proto_msgTypes[31].OneofWrappers = []any{
+	file_coffre_v1_coffre_proto_msgTypes[35].OneofWrappers = []any{
 		(*SealedKey_Tpm)(nil),
 		(*SealedKey_Session)(nil),
 	}
-	file_coffre_v1_coffre_proto_msgTypes[50].OneofWrappers = []any{
+	file_coffre_v1_coffre_proto_msgTypes[54].OneofWrappers = []any{
 		(*EnrollNodeRequest_EkCertificate)(nil),
 		(*EnrollNodeRequest_EkPublic)(nil),
 	}
@@ -4435,7 +4722,7 @@ func file_coffre_v1_coffre_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coffre_v1_coffre_proto_rawDesc), len(file_coffre_v1_coffre_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   68,
+			NumMessages:   72,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

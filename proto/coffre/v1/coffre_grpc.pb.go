@@ -47,6 +47,8 @@ const (
 	AdminService_DecideProposal_FullMethodName            = "/coffre.v1.AdminService/DecideProposal"
 	AdminService_InitQuorum_FullMethodName                = "/coffre.v1.AdminService/InitQuorum"
 	AdminService_GetQuorum_FullMethodName                 = "/coffre.v1.AdminService/GetQuorum"
+	AdminService_FetchBackup_FullMethodName               = "/coffre.v1.AdminService/FetchBackup"
+	AdminService_DeleteBackup_FullMethodName              = "/coffre.v1.AdminService/DeleteBackup"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -104,6 +106,16 @@ type AdminServiceClient interface {
 	// once. Later changes are SetQuorum proposals.
 	InitQuorum(ctx context.Context, in *SetQuorumRequest, opts ...grpc.CallOption) (*Quorum, error)
 	GetQuorum(ctx context.Context, in *GetQuorumRequest, opts ...grpc.CallOption) (*Quorum, error)
+	// FetchBackup streams the backup that an executed backup.export
+	// proposal keeps in the server's store: a first message with its
+	// manifest and no data, then its bytes in order, each message well
+	// under the server's message limit. A call cut short (by its deadline,
+	// say) is resumed with the offset reached.
+	FetchBackup(ctx context.Context, in *FetchBackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupChunk], error)
+	// DeleteBackup deletes that stored backup (one admin, audited: it is a
+	// sealed copy, and a new export is a new proposal). Stored backups are
+	// kept until deleted.
+	DeleteBackup(ctx context.Context, in *DeleteBackupRequest, opts ...grpc.CallOption) (*BackupManifest, error)
 }
 
 type adminServiceClient struct {
@@ -324,6 +336,35 @@ func (c *adminServiceClient) GetQuorum(ctx context.Context, in *GetQuorumRequest
 	return out, nil
 }
 
+func (c *adminServiceClient) FetchBackup(ctx context.Context, in *FetchBackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AdminService_ServiceDesc.Streams[0], AdminService_FetchBackup_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[FetchBackupRequest, BackupChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_FetchBackupClient = grpc.ServerStreamingClient[BackupChunk]
+
+func (c *adminServiceClient) DeleteBackup(ctx context.Context, in *DeleteBackupRequest, opts ...grpc.CallOption) (*BackupManifest, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BackupManifest)
+	err := c.cc.Invoke(ctx, AdminService_DeleteBackup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -379,6 +420,16 @@ type AdminServiceServer interface {
 	// once. Later changes are SetQuorum proposals.
 	InitQuorum(context.Context, *SetQuorumRequest) (*Quorum, error)
 	GetQuorum(context.Context, *GetQuorumRequest) (*Quorum, error)
+	// FetchBackup streams the backup that an executed backup.export
+	// proposal keeps in the server's store: a first message with its
+	// manifest and no data, then its bytes in order, each message well
+	// under the server's message limit. A call cut short (by its deadline,
+	// say) is resumed with the offset reached.
+	FetchBackup(*FetchBackupRequest, grpc.ServerStreamingServer[BackupChunk]) error
+	// DeleteBackup deletes that stored backup (one admin, audited: it is a
+	// sealed copy, and a new export is a new proposal). Stored backups are
+	// kept until deleted.
+	DeleteBackup(context.Context, *DeleteBackupRequest) (*BackupManifest, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -451,6 +502,12 @@ func (UnimplementedAdminServiceServer) InitQuorum(context.Context, *SetQuorumReq
 }
 func (UnimplementedAdminServiceServer) GetQuorum(context.Context, *GetQuorumRequest) (*Quorum, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetQuorum not implemented")
+}
+func (UnimplementedAdminServiceServer) FetchBackup(*FetchBackupRequest, grpc.ServerStreamingServer[BackupChunk]) error {
+	return status.Error(codes.Unimplemented, "method FetchBackup not implemented")
+}
+func (UnimplementedAdminServiceServer) DeleteBackup(context.Context, *DeleteBackupRequest) (*BackupManifest, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteBackup not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -851,6 +908,35 @@ func _AdminService_GetQuorum_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_FetchBackup_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(FetchBackupRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServiceServer).FetchBackup(m, &grpc.GenericServerStream[FetchBackupRequest, BackupChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_FetchBackupServer = grpc.ServerStreamingServer[BackupChunk]
+
+func _AdminService_DeleteBackup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteBackupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).DeleteBackup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_DeleteBackup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).DeleteBackup(ctx, req.(*DeleteBackupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -942,8 +1028,18 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetQuorum",
 			Handler:    _AdminService_GetQuorum_Handler,
 		},
+		{
+			MethodName: "DeleteBackup",
+			Handler:    _AdminService_DeleteBackup_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "FetchBackup",
+			Handler:       _AdminService_FetchBackup_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "coffre/v1/coffre.proto",
 }
 
