@@ -139,6 +139,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "coffrectl %s: %v (see coffrectl %s --help)\n", cmd.path, err, cmd.path)
 		return exitUsage
 	}
+	if err := e.g.check(); err != nil {
+		fmt.Fprintf(stderr, "coffrectl %s: %v (see coffrectl %s --help)\n", cmd.path, err, cmd.path)
+		return exitUsage
+	}
 	if cmd.nargs >= 0 && len(pos) != cmd.nargs {
 		fmt.Fprintf(stderr, "coffrectl %s: want %s, got %d argument(s) (see coffrectl %s --help)\n", cmd.path, cmd.args, len(pos), cmd.path)
 		return exitUsage
@@ -151,6 +155,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	return exitOK
+}
+
+// check refuses global flag values out of their documented range, before
+// any command runs: a proposal TTL the server would refuse, or one that
+// does not fit the request's seconds, is an error here, not a surprise
+// after the officer has typed the operation.
+func (g *globals) check() error {
+	if g.proposalTTL < 5*time.Minute || g.proposalTTL > 168*time.Hour {
+		return fmt.Errorf("--proposal-ttl %s: want 5m to 168h", g.proposalTTL)
+	}
+	if g.timeout <= 0 {
+		return fmt.Errorf("--timeout %s: want a positive duration", g.timeout)
+	}
+	return nil
 }
 
 func isHelp(s string) bool {
