@@ -271,7 +271,7 @@ func prepareDev(ctx context.Context, o devOptions, stdout io.Writer, log *slog.L
 	if err := ensureSignerKey(e.auditSigner, filepath.Join(e.dir, "audit-verifier.pub"), "coffre-dev", "the audit checkpoint signer", say); err != nil {
 		return nil, nil, err
 	}
-	if err := ensureSignerKey(e.witnessKey, e.witnessKey+".pub", "witness.dev", "a witness key (coffrectl audit witness --witness-key)", say); err != nil {
+	if err := ensureSignerKey(e.witnessKey, e.witnessKey+".pub", "witness.dev", "the dev witness's key (for coffrectl audit witness --witness-key)", say); err != nil {
 		return nil, nil, err
 	}
 	if err := e.ensureAdminKey(say); err != nil {
