@@ -167,6 +167,11 @@ func TestDataEmbassy(t *testing.T) {
 			t.Fatalf("envelope %d opened to another key", i)
 		}
 	}
+	// The versions recorded under the alias are counted under the root
+	// that unwraps them here: nothing shows the DR root unused.
+	if u, err := dr.RootUsage(ctx); err != nil || len(u) != 1 || u[drRoot.ID()] != 8 {
+		t.Fatalf("RootUsage at the DR site: %v, %v; want 8 under %s", u, err, drRoot.ID())
+	}
 	// A root rotation at the DR site moves every version to the DR root's
 	// own ID; the alias is then no longer needed.
 	rot, err := dr.RotateRoot(ctx, nil)

@@ -242,7 +242,11 @@ func (s *Service) rewrap(ctx context.Context, rec *keyringRecord, v *versionReco
 
 // RootUsage counts, by root ID, the stored KEK versions that hold key
 // material (destroyed versions hold none). An old root may be destroyed
-// once it no longer appears here: until then some KEK depends on it.
+// once it no longer appears here: until then some KEK depends on it. A
+// version is counted under the root that unwraps it here, so one recorded
+// under an alias of the current root (a DR site) counts under that root's
+// own ID; one whose root this service does not hold counts under the ID it
+// records.
 func (s *Service) RootUsage(ctx context.Context) (map[string]int, error) {
 	kvs, err := s.store.List(ctx, keyringPrefix)
 	if err != nil {
@@ -255,7 +259,12 @@ func (s *Service) RootUsage(ctx context.Context) (map[string]int, error) {
 			return nil, err
 		}
 		for _, v := range rec.Versions {
-			if len(v.Wrapped) > 0 {
+			if len(v.Wrapped) == 0 {
+				continue
+			}
+			if r := s.rootFor(v.RootID); r != nil {
+				usage[r.ID()]++
+			} else {
 				usage[v.RootID]++
 			}
 		}

@@ -10,6 +10,7 @@ import (
 	"github.com/coffre-kms/coffre/hsm"
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
+	"github.com/coffre-kms/coffre/kms"
 )
 
 // TestOpenRoots: hsm.second_root makes the server's root a dual root over
@@ -96,4 +97,40 @@ func TestOpenRoots(t *testing.T) {
 		t.Errorf("missing second root: %v", err)
 	}
 	closeAll(closers)
+}
+
+// TestDestroyableRoot: a previous root whose HSM key is also a key of the
+// current root, or of another configured previous root, is not destroyed
+// (moving from root A to the dual root (A, B) keeps A as a previous root
+// that no KEK version names any more).
+func TestDestroyableRoot(t *testing.T) {
+	const (
+		a = "pkcs11:token=vendor-a;object=root?pin-source=file:/etc/coffre/pin-a"
+		b = "pkcs11:token=vendor-b;object=root?pin-source=file:/etc/coffre/pin-b"
+		c = "pkcs11:token=vendor-c;object=root?pin-source=file:/etc/coffre/pin-c"
+		z = "pkcs11:token=vendor-a;object=root-2024?pin-source=file:/etc/coffre/pin-a"
+	)
+	for _, tc := range []struct {
+		name string
+		cfg  HSMConfig
+		i    int
+		want string // "" destroyable, else part of the error
+	}{
+		{"A to dual (A, B)", HSMConfig{RootKey: a, SecondRoot: b, PreviousRoots: []string{a}}, 0, "also hsm.root_key"},
+		{"dual (A, B) to dual (C, B)", HSMConfig{RootKey: c, SecondRoot: b, PreviousDualRoots: []DualRootConfig{{RootKey: a, SecondRoot: b}}}, 0, "also hsm.second_root"},
+		{"same key in two previous roots", HSMConfig{RootKey: c, PreviousRoots: []string{a}, PreviousDualRoots: []DualRootConfig{{RootKey: a, SecondRoot: b}}}, 0, "also previous root pkcs11:token=vendor-a;object=root"},
+		{"same key, other pin source", HSMConfig{RootKey: "pkcs11:token=vendor-a;object=root?pin-source=file:/other", PreviousRoots: []string{a}}, 0, "also hsm.root_key"},
+		{"a root of its own", HSMConfig{RootKey: a, SecondRoot: b, PreviousRoots: []string{z}}, 0, ""},
+		{"dual of its own", HSMConfig{RootKey: a, PreviousDualRoots: []DualRootConfig{{RootKey: z, SecondRoot: c}}}, 0, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := destroyable(tc.cfg, tc.i)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want != "" && (err == nil || !errors.Is(err, kms.ErrFailedPrecondition) || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("got %v, want FailedPrecondition with %q", err, tc.want)
+			}
+		})
+	}
 }

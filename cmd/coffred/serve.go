@@ -161,6 +161,9 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, setup func(contex
 				if previousRoots[i].ID() != id {
 					continue
 				}
+				if err := destroyable(cfg.HSM, i); err != nil {
+					return err
+				}
 				for _, uri := range uris { // both keys of a dual root
 					if err := pkcs11.DestroyRoot(ctx, pkcs11.Config{URI: uri, Sessions: 1}); err != nil {
 						return err
@@ -341,6 +344,44 @@ func previousRootURIs(cfg HSMConfig) [][]string {
 		out = append(out, []string{d.RootKey, d.SecondRoot})
 	}
 	return out
+}
+
+// destroyable refuses to destroy previous root i (in previousRootURIs
+// order) if one of its HSM keys is also a key of the current root or of
+// another configured previous root. A move from root A to the dual root
+// (A, B) keeps A as a previous root; every KEK version then names (A, B),
+// none names A, and destroying A would destroy half of the current root:
+// every KEK lost. Keys are compared by their URI's key id (token and
+// object), the only name the configuration gives them.
+func destroyable(cfg HSMConfig, i int) error {
+	keyID := func(uri string) string {
+		u, err := hsm.ParseURI(uri)
+		if err != nil {
+			return uri
+		}
+		return u.KeyID()
+	}
+	others := map[string]string{keyID(cfg.RootKey): "hsm.root_key"}
+	if cfg.SecondRoot != "" {
+		others[keyID(cfg.SecondRoot)] = "hsm.second_root"
+	}
+	all := previousRootURIs(cfg)
+	for j, uris := range all {
+		if j == i {
+			continue
+		}
+		for _, uri := range uris {
+			if _, ok := others[keyID(uri)]; !ok {
+				others[keyID(uri)] = fmt.Sprintf("previous root %s", redactedKeyID(uris[0]))
+			}
+		}
+	}
+	for _, uri := range all[i] {
+		if where, ok := others[keyID(uri)]; ok {
+			return fmt.Errorf("%w: key %s is also %s: destroying it would destroy a root still configured; take that root out of the configuration first", kms.ErrFailedPrecondition, keyID(uri), where)
+		}
+	}
+	return nil
 }
 
 // redactedKeyID names a root key in a message without its query, which
