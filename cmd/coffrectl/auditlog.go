@@ -466,6 +466,7 @@ func printReplicaResult(e *env, r kms.AuditReplicaResult, keys trustedKeys) erro
 			m["origin"], m["entries"], m["checkpoints"] = rep.Origin, rep.Entries, rep.Checkpoints
 			m["checkpoint_size"], m["checkpoint_root"], m["root"] = rep.LatestSize, b64(rep.LatestRoot), b64(rep.Root)
 			m["key"], m["key_file"] = keys.verifiers[rep.Verifier].Name(), keys.files[rep.Verifier]
+			m["unsigned_entries"] = rep.Entries - rep.LatestSize
 		}
 		return json.NewEncoder(e.stdout).Encode(m)
 	}
@@ -479,17 +480,26 @@ func printReplicaResult(e *env, r kms.AuditReplicaResult, keys trustedKeys) erro
 		return err
 	}
 	rep := r.Report
-	_, err := fmt.Fprintf(e.stdout, "audit log of node %s (replicated) verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s, key %s (%s)\n",
-		rep.Node, rep.Entries, rep.Checkpoints, rep.LatestSize, b64(rep.Root), keys.verifiers[rep.Verifier].Name(), keys.files[rep.Verifier])
-	return err
+	if _, err := fmt.Fprintf(e.stdout, "audit log of node %s (replicated) verified: %d entries, %d checkpoints, latest checkpoint at size %d, root %s, key %s (%s)\n",
+		rep.Node, rep.Entries, rep.Checkpoints, rep.LatestSize, b64(rep.Root), keys.verifiers[rep.Verifier].Name(), keys.files[rep.Verifier]); err != nil {
+		return err
+	}
+	if rep.Entries > rep.LatestSize {
+		// Written after the node's last checkpoint (it stopped, or was
+		// lost, before the next): well formed and in order, but whoever can
+		// write to the store could have changed or cut them.
+		_, err := fmt.Fprintf(e.stdout, "  warning: entries %d..%d come after the latest checkpoint and are not covered by a signature\n",
+			rep.LatestSize, rep.Entries-1)
+		return err
+	}
+	return nil
 }
 
 // compareLocalAudit verifies the node's local log directory with the key
 // that verified its replicated copy, then checks that the two agree on
-// their common prefix. Without reading the local entries only two roots
-// of the local log are known (at its size, and at its latest
-// checkpoint's), so when the local log is ahead of the replica the prefix
-// is compared at the local latest checkpoint, if the replica reaches it.
+// every entry both hold (their roots at the smaller size). Entries the
+// local log holds beyond the replica were written but never replicated:
+// with replication on, their calls were refused, not acknowledged.
 func compareLocalAudit(e *env, dir string, keys trustedKeys, rr *kms.AuditReplicaReport) error {
 	v := keys.verifiers[rr.Verifier]
 	rep, err := audit.VerifyDir(dir, v)
@@ -497,13 +507,10 @@ func compareLocalAudit(e *env, dir string, keys trustedKeys, rr *kms.AuditReplic
 		return verifyErr(dir, err)
 	}
 	b64 := base64.StdEncoding.EncodeToString
-	size, want := rep.Entries, rep.Root
-	if size > rr.Entries {
-		size, want = rep.LastSize, rep.LastRoot
-	}
-	if size > rr.Entries {
-		return fmt.Errorf("audit log of %s: its latest checkpoint (size %d) is ahead of the %d entries node %s replicated: entries acknowledged locally were never replicated",
-			dir, rep.LastSize, rr.Entries, rr.Node)
+	size := min(rep.Entries, rr.Entries)
+	want, err := rep.RootAt(size)
+	if err != nil {
+		return err
 	}
 	got, err := rr.RootAt(size)
 	if err != nil {
@@ -519,6 +526,14 @@ func compareLocalAudit(e *env, dir string, keys trustedKeys, rr *kms.AuditReplic
 	}
 	fmt.Fprintf(e.stdout, "audit log of %s (%d entries) agrees with the copy node %s replicated (%d entries) on the first %d entries, root %s\n",
 		dir, rep.Entries, rr.Node, rr.Entries, size, b64(want))
+	switch {
+	case rep.Entries > rr.Entries:
+		fmt.Fprintf(e.stdout, "  entries %d..%d are only in the local log: written, never replicated, so their calls were refused (not acknowledged)\n",
+			rr.Entries, rep.Entries-1)
+	case rr.Entries > rep.Entries:
+		fmt.Fprintf(e.stdout, "  entries %d..%d are only in the replica: the local log has lost them (restored from an older copy?)\n",
+			rep.Entries, rr.Entries-1)
+	}
 	return nil
 }
 

@@ -126,6 +126,28 @@ func TestAuditVerifyAllNodesCLI(t *testing.T) {
 		t.Fatalf("forked local log: exit %d:\n%s%s", code, out, errOut)
 	}
 
+	// The local log ahead of its replica (entries written while
+	// replication failed, their calls refused) and signed past it: the
+	// two are compared on every entry both hold, and the rest is named.
+	l, err = audit.Open(audit.Options{Dir: dirs["node-a"], Node: "node-a", Origin: "test/node-a", Signer: signers["node-a"]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if _, err := l.Append(ctx, &audit.Entry{Time: time.Now(), Actor: audit.Actor{Kind: audit.ActorSystem, ID: "test"},
+			Operation: "test.op", Decision: audit.Deny, Reason: fmt.Sprint("refused ", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(); err != nil { // publishes a checkpoint at 40
+		t.Fatal(err)
+	}
+	code, out, errOut = verify("--node", "node-a", "--dir", dirs["node-a"], "--verifier", keys)
+	if code != 0 || !strings.Contains(out, "(40 entries) agrees with the copy node node-a replicated (30 entries) on the first 30 entries, root ") ||
+		!strings.Contains(out, "entries 30..39 are only in the local log: written, never replicated") {
+		t.Fatalf("local log ahead: exit %d:\n%s%s", code, out, errOut)
+	}
+
 	// Only node-a's key: node-b's signatures are not trusted.
 	code, out, errOut = verify("--verifier", filepath.Join(keys, "node-a.pub"))
 	if code != exitError || !strings.Contains(out, line("node-a")) ||
@@ -148,6 +170,41 @@ func TestAuditVerifyAllNodesCLI(t *testing.T) {
 		t.Fatalf("deleted batch: exit %d:\n%s%s", code, out, errOut)
 	}
 
+	// A node lost after replicating entries but before publishing a
+	// checkpoint over them: they verify as well formed and in order, and
+	// the output says no signature covers them.
+	s, err := audit.GenerateSigner("node-c.audit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(keys, "node-c.pub"), s.Verifier().Marshal(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	l, err = audit.Open(audit.Options{Dir: t.TempDir(), Node: "node-c", Origin: "test/node-c", Signer: s,
+		CheckpointInterval: time.Hour, Replicator: &noPublishAfter{StoreAuditReplica: kms.StoreAuditReplica{Store: st}, v: s.Verifier(), after: 10}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 15 {
+		if _, err := l.Append(ctx, &audit.Entry{Time: time.Now(), Actor: audit.Actor{Kind: audit.ActorSystem, ID: "test"},
+			Operation: "test.op", Decision: audit.Allow, Reason: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if i == 9 {
+			if _, err := l.PublishCheckpoint(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut = verify("--node", "node-c", "--verifier", keys)
+	if code != 0 || !strings.Contains(out, "(replicated) verified: 15 entries, 2 checkpoints, latest checkpoint at size 10") ||
+		!strings.Contains(out, "warning: entries 10..14 come after the latest checkpoint and are not covered by a signature") {
+		t.Fatalf("unsigned tail: exit %d:\n%s%s", code, out, errOut)
+	}
+
 	// Usage errors.
 	if code, _, errOut := verify("--verifier", t.TempDir()); code != exitError || !strings.Contains(errOut, "holds no *.pub key") {
 		t.Errorf("empty key directory: exit %d: %s", code, errOut)
@@ -155,4 +212,21 @@ func TestAuditVerifyAllNodesCLI(t *testing.T) {
 	if code, _, errOut := verify("--dir", dirs["node-a"], "--verifier", keys); code != exitUsage || !strings.Contains(errOut, "needs --node") {
 		t.Errorf("--dir and --store without --node: exit %d: %s", code, errOut)
 	}
+}
+
+// noPublishAfter is the shared-store replica of a node that is lost once
+// it has published checkpoints up to size after: later checkpoints never
+// reach the store, though the entries do.
+type noPublishAfter struct {
+	kms.StoreAuditReplica
+	v     *audit.Verifier
+	after uint64
+}
+
+func (r *noPublishAfter) PublishCheckpoint(ctx context.Context, node string, note []byte) error {
+	cp, err := audit.ParseCheckpoint(note, r.v)
+	if err == nil && cp.Size > r.after {
+		return fmt.Errorf("node lost")
+	}
+	return r.StoreAuditReplica.PublishCheckpoint(ctx, node, note)
 }

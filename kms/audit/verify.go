@@ -33,6 +33,18 @@ type Report struct {
 	LastSize    uint64 // size of the latest checkpoint
 	LastRoot    []byte // its root
 	Root        []byte // root of all the entries (may be ahead of LastSize)
+
+	t *tree // for RootAt
+}
+
+// RootAt returns the Merkle root of the log's first size entries (size ≤
+// Entries), to compare with another copy of the log, such as the one its
+// node replicated.
+func (r *Report) RootAt(size uint64) ([]byte, error) {
+	if r.t == nil || size > r.Entries {
+		return nil, fmt.Errorf("audit: verify: root at %d of %d entries", size, r.Entries)
+	}
+	return r.t.root(size)
 }
 
 // VerifyDir checks a log directory offline, without opening it for
@@ -71,7 +83,7 @@ func VerifyDir(dir string, v *Verifier) (*Report, error) {
 		return nil, fmt.Errorf("audit: verify: %w", err)
 	}
 	defer cf.Close()
-	rep := &Report{Entries: n}
+	rep := &Report{Entries: n, t: t}
 	var prev *Checkpoint
 	_, err = scanRecords(cf, maxNoteSize, func(off int64, rec []byte) error {
 		k := rep.Checkpoints
