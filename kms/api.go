@@ -43,16 +43,20 @@ const (
 	StateDisabled
 	// StateDestroyScheduled versions neither encrypt nor decrypt and are
 	// destroyed at their DestroyTime unless [Service.CancelDestroy] returns
-	// them to StateDisabled first.
+	// them to StateDisabled first (to StateCompromised, if they were).
 	StateDestroyScheduled
 	// StateDestroyed versions have had their KEK erased (crypto-shred): no
 	// envelope under them opens again. DestroyTime says when it was due.
 	StateDestroyed
 	// StateCompromised versions are believed known to someone else
-	// ([Service.MarkCompromised]): they never encrypt again, and decrypt
-	// only so that their envelopes can be rewrapped before the version is
-	// destroyed (NIST SP 800-57: "process" only). A compromised version
-	// cannot be enabled or disabled, only scheduled for destruction.
+	// ([Service.MarkCompromised]): they never encrypt again and are never
+	// the primary. One that decrypted when marked (active or deactivated)
+	// decrypts only so that its envelopes can be rewrapped before the
+	// version is destroyed (NIST SP 800-57: "process" only); one that did
+	// not (disabled or pre-active) never decrypts. A compromised version
+	// cannot be enabled or disabled, only scheduled for destruction, and
+	// cancelling that returns it to StateCompromised but it never decrypts
+	// again: what a compromised version may do only shrinks.
 	StateCompromised
 	// StatePreActive versions exist (their KEK is made and wrapped) but
 	// neither encrypt nor decrypt until promoted to primary

@@ -8,10 +8,20 @@ package kms
 //	                                                ▼
 //	              disabled ◀──cancel── destroy_scheduled ──DestroyDue──▶ destroyed
 //
-// A deactivated version may also be scheduled directly. Every transition is
-// one compare-and-swap of the keyring record (see [Service.update]), so a
-// crash leaves the record before or after it, never half way, and of
-// several Coffre nodes racing exactly one wins each transition.
+// A deactivated version may also be scheduled directly.
+//
+// Compromise is a mark that is never lifted ([Service.MarkCompromised]): an
+// active or deactivated version becomes compromised and decrypts, for
+// rewrapping only; a disabled or pre-active one is marked without ever
+// decrypting again (stored disabled, with the mark). A compromised version
+// is never the primary and cannot be enabled or disabled; its destruction
+// can be scheduled, and cancelling that returns it to compromised without
+// decrypting: what a compromised version may do only shrinks.
+//
+// Every transition is one compare-and-swap of the keyring record (see
+// [Service.update]), so a crash leaves the record before or after it, never
+// half way, and of several Coffre nodes racing exactly one wins each
+// transition.
 //
 // This file decides what is allowed; who may ask (the quorum) and the audit
 // entries are the server's: the executors [Service.DestroyDue] and
@@ -80,7 +90,7 @@ func (s *Service) update(ctx context.Context, id KeyringID, what string, change 
 		if !changed {
 			return cur, nil
 		}
-		next.Format = recordFormat
+		next.Format = next.format()
 		value := next.encode()
 		// Never write what no server would read back: a bug here must not
 		// turn into a keyring that every node refuses.
@@ -144,37 +154,59 @@ func (s *Service) rotate(ctx context.Context, next *keyringRecord) error {
 }
 
 // MarkCompromised records that version v of keyring id is believed known
-// outside Coffre. It never encrypts again: if it is the primary, the
-// keyring is rotated in the same write, so the next data key is under a
-// fresh version. It still decrypts (subject to the minimum decryption
-// version), so that its envelopes can be rewrapped to the new primary
-// (`coffrectl keyring rewrap`) before it is scheduled for destruction;
-// raise the minimum decryption version to stop that too. Marking a
-// compromised version again changes nothing; a version scheduled for
-// destruction or destroyed is refused with ErrFailedPrecondition.
+// outside Coffre, for good: nothing lifts the mark. It never encrypts
+// again: if it is the primary, whatever its state, the keyring is rotated
+// in the same write, so a compromised version is never the primary. The new
+// primary is active only if the compromised one was: a primary disabled
+// since a cancelled destruction of the keyring is replaced by a disabled
+// one, so that marking does not restart encryption that was stopped
+// ([Service.EnableVersion] does).
+//
+// A version that decrypted (active or deactivated) still decrypts (subject
+// to the minimum decryption version), so that its envelopes can be
+// rewrapped to the new primary (`coffrectl keyring rewrap`) before it is
+// scheduled for destruction; raise the minimum decryption version to stop
+// that too. A version that did not (disabled or pre-active) never decrypts
+// again. Marking a compromised version again changes nothing; a version
+// scheduled for destruction or destroyed is refused with
+// ErrFailedPrecondition.
 func (s *Service) MarkCompromised(ctx context.Context, id KeyringID, v uint32) (*Keyring, error) {
 	rec, err := s.update(ctx, id, "marking compromised", func(next *keyringRecord) (bool, error) {
 		vr, err := lookup(next, v)
 		if err != nil {
 			return false, err
 		}
-		switch st := vr.state(); st {
-		case StateCompromised:
-			return false, nil
-		case StateDestroyScheduled, StateDestroyed:
+		st := vr.state()
+		switch {
+		case st == StateDestroyScheduled || st == StateDestroyed:
 			return false, fmt.Errorf("%w: version %d of keyring %s is %s", ErrFailedPrecondition, v, id, st)
-		case StateActive:
+		case vr.compromised() && v != next.Primary:
+			return false, nil
+		}
+		// Marking the primary replaces it even when it is compromised
+		// already: earlier servers could leave a compromised primary.
+		if v == next.Primary {
 			if err := s.rotate(ctx, next); err != nil {
 				return false, fmt.Errorf("the compromised primary must be replaced: %w", err)
 			}
+			if st != StateActive {
+				next.version(next.Primary).State = StateDisabled.String()
+			}
 		}
 		// rotate may have moved the versions: look the version up again.
-		next.version(v).State = StateCompromised.String()
+		vr = next.version(v)
+		switch st {
+		case StateActive, StateDeactivated:
+			vr.State = StateCompromised.String()
+		case StateDisabled, StatePreActive:
+			vr.State, vr.Compromised = StateDisabled.String(), true
+		}
 		return true, nil
 	})
 	if err != nil {
 		return nil, err
 	}
+	s.purgeRetired(rec)
 	return rec.public(), nil
 }
 
@@ -285,15 +317,15 @@ func (c *kekCache) drop(ref kekRef) {
 // ([Service.EnableVersion]). The active primary cannot be disabled: it is
 // the keyring's only way to encrypt, so rotate first (or schedule the whole
 // keyring for destruction). Disabling a disabled version changes nothing; a
-// version scheduled for destruction or destroyed is refused with
-// ErrFailedPrecondition.
+// compromised version, a version scheduled for destruction or a destroyed
+// one is refused with ErrFailedPrecondition.
 func (s *Service) DisableVersion(ctx context.Context, id KeyringID, v uint32) (*Keyring, error) {
 	rec, err := s.update(ctx, id, "disable", func(next *keyringRecord) (bool, error) {
 		vr, err := lookup(next, v)
 		if err != nil {
 			return false, err
 		}
-		switch st := vr.state(); st {
+		switch st := vr.publicState(); st {
 		case StateDisabled:
 			return false, nil
 		case StateDeactivated:
@@ -314,18 +346,20 @@ func (s *Service) DisableVersion(ctx context.Context, id KeyringID, v uint32) (*
 
 // EnableVersion returns a disabled version v of keyring id to service:
 // deactivated (decrypt only), or active when it is the primary (which is
-// disabled only after a cancelled destruction of the whole keyring).
-// Enabling a version that decrypts already changes nothing; a version
-// scheduled for destruction or destroyed is refused with
+// disabled only after a cancelled destruction of the whole keyring, or
+// when it replaced a disabled primary marked compromised). Enabling a
+// version that decrypts already changes nothing; a compromised version, a
+// version scheduled for destruction or a destroyed one is refused with
 // ErrFailedPrecondition (cancel the destruction first: it leaves the
-// version disabled).
+// version disabled, or compromised if it was).
 func (s *Service) EnableVersion(ctx context.Context, id KeyringID, v uint32) (*Keyring, error) {
 	rec, err := s.update(ctx, id, "enable", func(next *keyringRecord) (bool, error) {
 		vr, err := lookup(next, v)
 		if err != nil {
 			return false, err
 		}
-		switch st := vr.state(); st {
+		// publicState: a compromised version stored disabled is refused.
+		switch st := vr.publicState(); st {
 		case StateActive, StateDeactivated:
 			return false, nil
 		case StateDisabled:
@@ -398,7 +432,8 @@ func (s *Service) SetRotationPeriod(ctx context.Context, id KeyringID, period ti
 // ScheduleDestroy schedules version of keyring id for destruction in days
 // days (MinDestroyDays to MaxDestroyDays, else ErrInvalidArgument). From now
 // on the version neither encrypts nor decrypts; [Service.CancelDestroy]
-// returns it to disabled until [Service.DestroyDue] destroys it.
+// returns it to disabled (a compromised one to compromised, without
+// decrypting) until [Service.DestroyDue] destroys it.
 //
 // Version 0 schedules the whole keyring: every version not yet scheduled
 // or destroyed, the primary included, so the keyring encrypts nothing from
@@ -417,6 +452,11 @@ func (s *Service) ScheduleDestroy(ctx context.Context, id KeyringID, version uin
 	rec, err := s.update(ctx, id, "destruction scheduling", func(next *keyringRecord) (bool, error) {
 		scheduled = scheduled[:0]
 		at := s.now().UTC().Add(time.Duration(days) * 24 * time.Hour)
+		schedule := func(vr *versionRecord) {
+			vr.Compromised = vr.compromised() // the mark outlives the state
+			vr.State, vr.DestroyTime = StateDestroyScheduled.String(), at
+			scheduled = append(scheduled, vr.Version)
+		}
 		if version == 0 {
 			left := 0
 			for i := range next.Versions {
@@ -426,8 +466,7 @@ func (s *Service) ScheduleDestroy(ctx context.Context, id KeyringID, version uin
 					continue
 				case StateDestroyScheduled:
 				default:
-					vr.State, vr.DestroyTime = StateDestroyScheduled.String(), at
-					scheduled = append(scheduled, vr.Version)
+					schedule(vr)
 				}
 				left++
 			}
@@ -452,8 +491,7 @@ func (s *Service) ScheduleDestroy(ctx context.Context, id KeyringID, version uin
 		case st == StateDestroyed:
 			return false, fmt.Errorf("%w: version %d of keyring %s is destroyed", ErrFailedPrecondition, version, id)
 		}
-		vr.State, vr.DestroyTime = StateDestroyScheduled.String(), at
-		scheduled = append(scheduled, version)
+		schedule(vr)
 		return true, nil
 	})
 	if err != nil {
@@ -466,13 +504,17 @@ func (s *Service) ScheduleDestroy(ctx context.Context, id KeyringID, version uin
 }
 
 // CancelDestroy returns version of keyring id, scheduled for destruction,
-// to disabled ([Service.EnableVersion] brings it back). Version 0 cancels
-// every scheduled version of the keyring. A version (or keyring) with
-// nothing scheduled, or destroyed already, is refused with
+// to disabled ([Service.EnableVersion] brings it back). A compromised
+// version returns to compromised instead, and does not decrypt again:
+// nothing brings it back, and it can only be scheduled anew. Version 0
+// cancels every scheduled version of the keyring. A version (or keyring)
+// with nothing scheduled, or destroyed already, is refused with
 // ErrFailedPrecondition: destruction cannot be undone.
 func (s *Service) CancelDestroy(ctx context.Context, id KeyringID, version uint32) (*Keyring, error) {
 	rec, err := s.update(ctx, id, "destruction cancelling", func(next *keyringRecord) (bool, error) {
 		cancel := func(vr *versionRecord) {
+			// vr.Compromised stays: disabled with the mark is compromised,
+			// and EnableVersion refuses it.
 			vr.State, vr.DestroyTime = StateDisabled.String(), time.Time{}
 		}
 		if version == 0 {
@@ -681,23 +723,19 @@ func (s *Service) rotateDue(ctx context.Context, id KeyringID, now time.Time, be
 		if !rotationDue(next, now) {
 			return false, nil // another node rotated it, or its settings changed
 		}
-		if err := s.checkRotate(next); err != nil {
+		ev := RotateEvent{Keyring: id, Previous: next.Primary, Due: next.NextRotationTime}
+		// Rotate the copy first, so that the event names the version rotate
+		// promoted (a staged one, if any); nothing is stored before the
+		// audit entry is durable.
+		if err := s.rotate(ctx, next); err != nil {
 			return false, err
 		}
-		ev := RotateEvent{
-			Keyring:  id,
-			Version:  uint32(len(next.Versions) + 1), // #nosec G115 -- bounded by MaxVersions
-			Previous: next.Primary,
-			Due:      next.NextRotationTime,
-		}
+		ev.Version = next.Primary
 		if announced == nil || *announced != ev {
 			if err := before(ev); err != nil {
 				return false, fmt.Errorf("kms: keyring %s not rotated: %w", id, err)
 			}
 			announced = &ev
-		}
-		if err := s.rotate(ctx, next); err != nil {
-			return false, err
 		}
 		made = &ev
 		return true, nil

@@ -601,6 +601,15 @@ func validRecord() *keyringRecord {
 	}
 }
 
+// markedRecord is validRecord in format 3: version 3, disabled, carries the
+// compromised mark.
+func markedRecord() *keyringRecord {
+	r := validRecord()
+	r.Format = recordFormatCompromised
+	r.Versions[2].Compromised = true
+	return r
+}
+
 func TestDecodeRecordInvariants(t *testing.T) {
 	key := "keyrings/acme/disks"
 	if _, err := decodeRecord(key, validRecord().encode()); err != nil {
@@ -613,6 +622,29 @@ func TestDecodeRecordInvariants(t *testing.T) {
 	if r, err := decodeRecord(key, v1); err != nil || r.Primary != 2 || r.version(1).state() != StateDeactivated {
 		t.Fatalf("format 1 record: %v", err)
 	}
+	// What servers before the compromised mark wrote still reads, and means
+	// what it meant: a compromised version decrypts. Such a record is
+	// written back in format 2.
+	old := validRecord()
+	old.Versions[2].State = "compromised"
+	if r, err := decodeRecord(key, old.encode()); err != nil || !r.decrypts(r.version(3)) || r.format() != recordFormat {
+		t.Fatalf("format 2 record with a compromised version: %v", err)
+	}
+	// The mark: reported compromised, never decrypting, written in format 3.
+	r, err := decodeRecord(key, markedRecord().encode())
+	if err != nil {
+		t.Fatalf("format 3 record refused: %v", err)
+	}
+	if v := r.version(3); r.decrypts(v) || v.publicState() != StateCompromised || r.public().Versions[2].State != StateCompromised || r.format() != recordFormatCompromised {
+		t.Fatalf("marked disabled version: decrypts %v, state %v, format %d", r.decrypts(v), v.publicState(), r.format())
+	}
+	for _, st := range []string{"destroy_scheduled", "destroyed"} {
+		m := markedRecord()
+		m.Versions[1].Compromised, m.Versions[0].Compromised = st == "destroy_scheduled", st == "destroyed"
+		if _, err := decodeRecord(key, m.encode()); err != nil {
+			t.Fatalf("marked %s version refused: %v", st, err)
+		}
+	}
 	// A keyring destroyed as a whole has no active version, and that is fine.
 	whole := validRecord()
 	whole.Versions[3].State, whole.Versions[3].DestroyTime = "destroy_scheduled", whole.CreateTime
@@ -620,7 +652,23 @@ func TestDecodeRecordInvariants(t *testing.T) {
 		t.Fatalf("keyring scheduled as a whole refused: %v", err)
 	}
 	for name, breakIt := range map[string]func(r *keyringRecord){
-		"format 3":                   func(r *keyringRecord) { r.Format = 3 },
+		"format 4":                   func(r *keyringRecord) { r.Format = 4 },
+		"format 0":                   func(r *keyringRecord) { r.Format = 0 },
+		"mark in format 2":           func(r *keyringRecord) { r.Versions[2].Compromised = true },
+		"mark on the active version": func(r *keyringRecord) { r.Format = 3; r.Versions[3].Compromised = true },
+		"mark on a compromised one": func(r *keyringRecord) {
+			r.Format = 3
+			r.Versions[2].State, r.Versions[2].Compromised = "compromised", true
+		},
+		"mark on a deactivated one": func(r *keyringRecord) {
+			r.Format = 3
+			r.Versions[2].State, r.Versions[2].Compromised = "deactivated", true
+		},
+		"mark on a pre-active one": func(r *keyringRecord) {
+			r.Format, r.Primary, r.MinDecryptionVersion = 3, 3, 0
+			r.Versions[2].State = "active"
+			r.Versions[3].State, r.Versions[3].Compromised = "pre_active", true
+		},
 		"format 1 with a new state":  func(r *keyringRecord) { r.Format = 1 },
 		"two active":                 func(r *keyringRecord) { r.Versions[2].State = "active" },
 		"active not the primary":     func(r *keyringRecord) { r.Primary = 3; r.MinDecryptionVersion = 0 },
@@ -655,6 +703,7 @@ func FuzzDecodeRecord(f *testing.F) {
 	f.Add([]byte(`{"format":1,"tenant":"acme","name":"disks","uid":"AAAAAAAAAAAAAAAAAAAAAA==","primary":1,"versions":[{"version":1,"state":"active","wrapped":"AQ=="}]}`))
 	f.Add([]byte(`{"format":2,"versions":[{"version":1,"state":"destroyed","wrapped":null}]}`))
 	f.Add([]byte(`{"format":2,"primary":4294967295,"min_decryption_version":-1,"rotation_period":1e30}`))
+	f.Add(markedRecord().encode())
 	key := "keyrings/acme/disks"
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := decodeRecord(key, b)
@@ -669,6 +718,9 @@ func FuzzDecodeRecord(f *testing.F) {
 			}
 			if (v.state() == StateDestroyed) != (len(v.Wrapped) == 0) {
 				t.Fatalf("version %d %s with %d wrapped bytes", v.Version, v.State, len(v.Wrapped))
+			}
+			if v.Compromised && (r.Format < recordFormatCompromised || r.decrypts(v) || v.state() == StateActive) {
+				t.Fatalf("version %d %s marked compromised in format %d", v.Version, v.State, r.Format)
 			}
 		}
 		if active > 1 || r.version(r.Primary) == nil {

@@ -13,17 +13,25 @@ const keyringPrefix = "keyrings/"
 func keyringKey(id KeyringID) string { return keyringPrefix + id.Tenant + "/" + id.Name }
 
 // recordFormat is the version of the stored keyring encoding that this
-// server writes. Format 2 added the lifecycle (states disabled,
-// destroy_scheduled and destroyed, destroy_time, rotation period, next
-// rotation, minimum decryption version). Format 1 records are still read:
-// they are format 2 records without any of those. The number was bumped,
-// rather than the fields added silently, so that a server of format 1 in a
-// mixed cluster refuses a format 2 record instead of ignoring its minimum
-// decryption version and decrypting what it must not.
+// server writes, unless the record needs [recordFormatCompromised]. Format
+// 2 added the lifecycle (states disabled, destroy_scheduled and destroyed,
+// destroy_time, rotation period, next rotation, minimum decryption
+// version). Format 1 records are still read: they are format 2 records
+// without any of those. The number was bumped, rather than the fields
+// added silently, so that a server of format 1 in a mixed cluster refuses a
+// format 2 record instead of ignoring its minimum decryption version and
+// decrypting what it must not.
 const recordFormat = 2
 
 // recordFormatV1 is the format before the lifecycle, read but not written.
 const recordFormatV1 = 1
+
+// recordFormatCompromised is format 2 plus the compromised mark of versions
+// that are no longer in state compromised (versionRecord.Compromised). Only
+// records that carry the mark are written in it: a format 2 server in a
+// mixed cluster keeps serving every other keyring, and refuses these
+// instead of dropping the mark and enabling a compromised version again.
+const recordFormatCompromised = 3
 
 // keyringRecord is a keyring as stored. One record holds every version, so
 // a rotation is one compare-and-swap: a crash leaves the old record or the
@@ -57,6 +65,13 @@ type versionRecord struct {
 	// DestroyTime is when a destroy_scheduled version becomes due, and when
 	// a destroyed one was due; zero in every other state.
 	DestroyTime time.Time `json:"destroy_time,omitzero"`
+	// Compromised marks a version that was marked compromised and is in
+	// another state since: disabled (it did not decrypt when marked, or its
+	// destruction was cancelled; reported as compromised), destroy_scheduled
+	// or destroyed. The mark is never cleared, so that no cancelled
+	// destruction or enabling returns the version to service. A version in
+	// state compromised is marked by its state alone and does not carry it.
+	Compromised bool `json:"compromised,omitempty"`
 }
 
 var stateNames = map[KeyState]string{
@@ -94,11 +109,39 @@ func (v *versionRecord) state() KeyState {
 	return st
 }
 
+// compromised reports whether v was ever marked compromised.
+func (v *versionRecord) compromised() bool {
+	return v.Compromised || v.state() == StateCompromised
+}
+
+// publicState is v's state as the API reports it: a compromised version
+// that does not decrypt is disabled as stored, but compromised to callers
+// until it is scheduled for destruction.
+func (v *versionRecord) publicState() KeyState {
+	if st := v.state(); !v.Compromised || st != StateDisabled {
+		return st
+	}
+	return StateCompromised
+}
+
 // decrypts reports whether envelopes under version v of r may be opened:
 // its state allows it and it is not below the minimum decryption version.
+// A version marked compromised decrypts only in state compromised, never
+// with the Compromised field (decodeRecord allows that field only in
+// states that do not decrypt).
 func (r *keyringRecord) decrypts(v *versionRecord) bool {
 	st := v.state()
 	return (st == StateActive || st == StateDeactivated || st == StateCompromised) && v.Version >= r.MinDecryptionVersion
+}
+
+// format is the format that r is written in: the oldest that holds it.
+func (r *keyringRecord) format() int {
+	for i := range r.Versions {
+		if r.Versions[i].Compromised {
+			return recordFormatCompromised
+		}
+	}
+	return recordFormat
 }
 
 func (r *keyringRecord) version(v uint32) *versionRecord {
@@ -117,8 +160,8 @@ func decodeRecord(key string, b []byte) (*keyringRecord, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return nil, fmt.Errorf("kms: stored keyring %s: %v", key, err)
 	}
-	if r.Format != recordFormat && r.Format != recordFormatV1 {
-		return nil, fmt.Errorf("kms: stored keyring %s: format %d, this server reads %d and %d", key, r.Format, recordFormatV1, recordFormat)
+	if r.Format < recordFormatV1 || r.Format > recordFormatCompromised {
+		return nil, fmt.Errorf("kms: stored keyring %s: format %d, this server reads %d to %d", key, r.Format, recordFormatV1, recordFormatCompromised)
 	}
 	if err := r.id().Validate(); err != nil || keyringKey(r.id()) != key {
 		return nil, fmt.Errorf("kms: stored keyring %s names %s", key, r.id())
@@ -144,7 +187,7 @@ func decodeRecord(key string, b []byte) (*keyringRecord, error) {
 		return nil, bad("rotation period %v with next rotation %v", r.RotationPeriod, r.NextRotationTime)
 	}
 	lifecycle := r.RotationPeriod != 0 || r.MinDecryptionVersion != 0
-	active := 0
+	active, marked := 0, false
 	for i, v := range r.Versions {
 		st, ok := parseState(v.State)
 		if !ok {
@@ -175,9 +218,20 @@ func decodeRecord(key string, b []byte) (*keyringRecord, error) {
 		if st != StateActive && st != StateDeactivated {
 			lifecycle = true
 		}
+		// The mark goes only with states that neither encrypt nor decrypt:
+		// a compromised version that does either is in state compromised.
+		if v.Compromised {
+			marked = true
+			if st != StateDisabled && st != StateDestroyScheduled && st != StateDestroyed {
+				return nil, bad("version %d is %s and marked compromised", v.Version, st)
+			}
+		}
 	}
 	if active > 1 {
 		return nil, bad("%d active versions, want at most 1", active)
+	}
+	if marked && r.Format < recordFormatCompromised {
+		return nil, bad("format %d record marks versions compromised, which takes format %d", r.Format, recordFormatCompromised)
 	}
 	if r.Format == recordFormatV1 && (lifecycle || active != 1) {
 		return nil, bad("format %d record uses lifecycle states or fields of format %d", recordFormatV1, recordFormat)
@@ -202,7 +256,7 @@ func (r *keyringRecord) public() *Keyring {
 	}
 	for _, v := range r.Versions {
 		k.Versions = append(k.Versions, KeyVersion{
-			Version: v.Version, State: v.state(), CreateTime: v.CreateTime, RootID: v.RootID, DestroyTime: v.DestroyTime,
+			Version: v.Version, State: v.publicState(), CreateTime: v.CreateTime, RootID: v.RootID, DestroyTime: v.DestroyTime,
 		})
 	}
 	return k
