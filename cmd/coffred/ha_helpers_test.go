@@ -7,10 +7,12 @@ import (
 	"crypto/x509"
 	"encoding/binary"
 	"fmt"
+	mathrand "math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,10 +22,13 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/coffre-kms/coffre/hsm/hsmtest"
 	"github.com/coffre-kms/coffre/hsm/pkcs11"
 	"github.com/coffre-kms/coffre/kms/audit"
+	"github.com/coffre-kms/coffre/kms/server"
+	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
 // Helpers of TestHA: a local PKI, and coffred nodes run as child processes
@@ -75,7 +80,8 @@ func newHAPKI(t *testing.T) *haPKI {
 	return p
 }
 
-// conn dials addr over TLS 1.3, as the admin when admin is set. Reconnection
+// conn dials addr over TLS 1.3, as the admin when admin is set, recording
+// request ids for haWithRequestID. Reconnection
 // backs off to at most half a second, so that a restarted node is reached
 // again promptly (gRPC's default backoff grows to two minutes).
 func (p *haPKI) conn(t *testing.T, addr string, admin bool) *grpc.ClientConn {
@@ -86,6 +92,7 @@ func (p *haPKI) conn(t *testing.T, addr string, admin bool) *grpc.ClientConn {
 	}
 	c, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithChainUnaryInterceptor(haRecordRequestID),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 500 * time.Millisecond},
 			MinConnectTimeout: 2 * time.Second,
@@ -108,18 +115,42 @@ func haCloseAtEnd(t *testing.T, what string, c interface{ Close() error }) {
 
 // haFreeAddr returns a 127.0.0.1 address whose port was free a moment ago:
 // a node keeps it across restarts, so that its clients' connections
-// reconnect to the new process.
+// reconnect to the new process. The port is below the kernel's ephemeral
+// range where it can: a port from that range (what listening on port 0
+// gives) may become the local port of any outgoing connection — this
+// test's make many — between this check and the node's bind, or while a
+// killed node is down, and the node then fails to start with "address
+// already in use".
 func haFreeAddr(t *testing.T) string {
 	t.Helper()
+	const lowest = 10000
+	ephemeral := 32768 // Linux's default
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				ephemeral = n
+			}
+		}
+	}
+	for try := 0; ephemeral-lowest >= 1000 && try < 100; try++ {
+		port := lowest + mathrand.IntN(ephemeral-lowest) // #nosec G404 -- a port number, not a secret
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue // in use
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return l.Addr().String()
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := l.Addr().String()
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return addr
+	return l.Addr().String()
 }
 
 // haNode is one coffred node: its own SoftHSM instance (a token holding the
@@ -345,16 +376,21 @@ func haEnvelopeVersion(env []byte) (keyring string, version uint32, err error) {
 	return string(env[5 : 5+idLen]), binary.BigEndian.Uint32(env[5+idLen:]), nil
 }
 
-// haCountEntries parses a node's replicated entries and counts, per
-// operation, decision and key version, how many there are.
-type haEntryKey struct {
-	op, decision string
-	version      uint32
+// haWant is an acknowledged call whose own audit entry must be in its
+// node's log.
+type haWant struct {
+	what    string // "release", "decryption", "rotation": for messages
+	id      string // the coffre-request-id header it was answered with
+	op      string // the entry's operation
+	version uint32 // the entry's key version; 0: any
 }
 
-func haCountEntries(t *testing.T, node string, raws [][]byte) map[haEntryKey]int {
+// haCheckAudited fails the test for each of wants that has no allow entry
+// of its operation (and key version) under its request id among node's
+// replicated entries raws. where says, in messages, when raws were read.
+func haCheckAudited(t *testing.T, node, where string, raws [][]byte, wants []haWant) {
 	t.Helper()
-	out := map[haEntryKey]int{}
+	byID := map[string][]*audit.Entry{}
 	for i, raw := range raws {
 		e, err := audit.ParseEntry(raw)
 		if err != nil {
@@ -363,9 +399,71 @@ func haCountEntries(t *testing.T, node string, raws [][]byte) map[haEntryKey]int
 		if e.Node != node {
 			t.Fatalf("node %s: replicated entry %d is of node %q", node, i, e.Node)
 		}
-		out[haEntryKey{e.Operation, e.Decision, e.KeyVersion}]++
+		byID[e.RequestID] = append(byID[e.RequestID], e)
 	}
-	return out
+	const shown = 10
+	missing := 0
+	for _, w := range wants {
+		if w.id == "" {
+			missing++
+			if missing <= shown {
+				t.Errorf("node %s answered a %s without a %s header", node, w.what, server.RequestIDMetadataKey)
+			}
+			continue
+		}
+		found := false
+		for _, e := range byID[w.id] {
+			if e.Operation == w.op && e.Decision == audit.Allow && (w.version == 0 || e.KeyVersion == w.version) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			missing++
+			if missing <= shown {
+				t.Errorf("node %s acknowledged a %s (request %s, key version %d); its replicated log%s has no allow entry %s for it (entries under that id: %d)",
+					node, w.what, w.id, w.version, where, w.op, len(byID[w.id]))
+			}
+		}
+	}
+	if missing > shown {
+		t.Errorf("node %s: %d acknowledged calls of %d missing from its replicated log%s in all", node, missing, len(wants), where)
+	}
+}
+
+// haIDKey is the context key under which haWithRequestID leaves where
+// haRecordRequestID writes a call's request id.
+type haIDKey struct{}
+
+// haWithRequestID returns ctx and where the coffre-request-id header of
+// the release or decryption made with it will be once it succeeds (the
+// agent Client's attestation calls under the same ctx do not count).
+func haWithRequestID(ctx context.Context) (context.Context, *string) {
+	id := new(string)
+	return context.WithValue(ctx, haIDKey{}, id), id
+}
+
+// haRecordRequestID is the unary client interceptor of haWithRequestID.
+func haRecordRequestID(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	id, _ := ctx.Value(haIDKey{}).(*string)
+	if id == nil || (method != coffrev1.KeyService_GenerateDataKey_FullMethodName && method != coffrev1.KeyService_Decrypt_FullMethodName) {
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	var md metadata.MD
+	err := invoker(ctx, method, req, reply, cc, append(opts, grpc.Header(&md))...)
+	if err == nil {
+		*id = haRequestID(md)
+	}
+	return err
+}
+
+// haRequestID returns the request id of response header md, or "" unless
+// it has exactly one.
+func haRequestID(md metadata.MD) string {
+	if v := md.Get(server.RequestIDMetadataKey); len(v) == 1 {
+		return v[0]
+	}
+	return ""
 }
 
 // haCodeCounts counts failed calls by their gRPC code, safely for concurrent

@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/coffre-kms/coffre/attest/agent"
@@ -26,10 +28,15 @@ import (
 // haKeyring is the keyring the HA test releases from and rotates.
 const haKeyring = "ha/disks"
 
-// haAck is one acknowledged release: what the client got back and which
-// node answered.
+// haPhaseAcks is how many releases a node must acknowledge in a phase of
+// TestHA to count as serving in it.
+const haPhaseAcks = 20
+
+// haAck is one acknowledged release: what the client got back, which
+// node answered, and the request id it answered with.
 type haAck struct {
 	node    string
+	id      string
 	ec      map[string]string
 	env     []byte
 	key     []byte
@@ -40,19 +47,23 @@ type haAck struct {
 // processes (each with its own SoftHSM token holding the same imported root
 // key, its own audit log and node id) on a three-member embedded etcd
 // cluster, a simulated TPM attesting to both. Under release load through
-// both nodes, with rotations through both, it stops one etcd member, then
-// SIGKILLs node B, then restores both. Then:
+// both nodes, with rotations through both, it kills the etcd leader (no
+// leadership handover, every connection to it cut), then SIGKILLs node B,
+// then restores both. Then:
+//   - both nodes kept releasing, and rotating, with the leader dead, and
+//     node A with node B dead too;
 //   - every acknowledged release decrypts, through the other node, to the
 //     key the client got;
 //   - the keyring's versions are exactly 1..n, one active, n-1 the number
 //     of rotations that took effect, no version handed out twice;
-//   - every acknowledged release and rotation has its audit entry in the
-//     copy each node replicated to etcd — node B's included, read while B
-//     is dead — and the replicated logs verify against their signed
-//     checkpoints;
-//   - with two etcd members of three down, admin writes and releases fail
-//     closed with Unavailable within the call deadline, change nothing, and
-//     work again soon after the members return.
+//   - every acknowledged release, decryption and rotation has its own
+//     audit entry (by the request id the client was answered with: its
+//     operation, decision allow and key version) in the copy its node
+//     replicated to etcd — node B's read while B is dead — and the
+//     replicated logs verify against their signed checkpoints;
+//   - with two etcd members of three killed, admin writes, releases and
+//     decryptions fail closed with Unavailable within the call deadline,
+//     change nothing, and work again soon after the members return.
 func TestHA(t *testing.T) {
 	requireSoftHSM(t)
 	began := time.Now()
@@ -150,13 +161,18 @@ func TestHA(t *testing.T) {
 	phase("quorum, class, enrollment, keyring and policy set through node A; both nodes release")
 
 	// The load: two workers per node releasing, one rotator per node.
+	// inflight counts each node's calls from before they are sent until
+	// their outcome is recorded.
 	var (
 		mu       sync.Mutex
 		acks     []haAck
 		ackCount = map[string]*atomic.Int64{a.name: {}, b.name: {}}
+		inflight = map[string]*atomic.Int64{a.name: {}, b.name: {}}
 		fails    = map[string]*haCodeCounts{a.name: {}, b.name: {}}
 		bad      []string // successes that are not one
 		rotAcks  = map[string][]uint32{}
+		rotIDs   = map[string][]string{}
+		rotCount atomic.Int64
 		rotFails haCodeCounts
 	)
 	stopLoad := make(chan struct{})
@@ -175,7 +191,9 @@ func TestHA(t *testing.T) {
 			wg.Go(func() {
 				for i := 0; ; i++ {
 					ec := map[string]string{"worker": name + "/" + strconv.Itoa(w), "i": strconv.Itoa(i)}
+					inflight[name].Add(1)
 					c, cancel := context.WithTimeout(ctx, 20*time.Second)
+					c, id := haWithRequestID(c)
 					key, env, err := cl.GenerateDataKey(c, haKeyring, ec)
 					cancel()
 					pause := 25 * time.Millisecond
@@ -188,10 +206,11 @@ func TestHA(t *testing.T) {
 						if perr != nil || kr != haKeyring || len(key) != 32 {
 							bad = append(bad, fmt.Sprintf("%s: release acknowledged with a %d-byte key and envelope %x (%v)", name, len(key), env, perr))
 						}
-						acks = append(acks, haAck{node: name, ec: ec, env: env, key: key, version: v})
+						acks = append(acks, haAck{node: name, id: *id, ec: ec, env: env, key: key, version: v})
 						mu.Unlock()
 						ackCount[name].Add(1)
 					}
+					inflight[name].Add(-1)
 					if !sleep(pause) {
 						return
 					}
@@ -202,16 +221,21 @@ func TestHA(t *testing.T) {
 	for name, adm := range map[string]coffrev1.AdminServiceClient{a.name: adminA, b.name: adminB} {
 		wg.Go(func() {
 			for sleep(700 * time.Millisecond) {
+				inflight[name].Add(1)
 				c, cancel := context.WithTimeout(ctx, 10*time.Second)
-				k, err := adm.RotateKeyring(c, &coffrev1.RotateKeyringRequest{Id: haKeyring})
+				var md metadata.MD
+				k, err := adm.RotateKeyring(c, &coffrev1.RotateKeyringRequest{Id: haKeyring}, grpc.Header(&md))
 				cancel()
 				if err != nil {
 					rotFails.add(status.Code(err).String())
-					continue
+				} else {
+					mu.Lock()
+					rotAcks[name] = append(rotAcks[name], k.GetPrimaryVersion())
+					rotIDs[name] = append(rotIDs[name], haRequestID(md))
+					mu.Unlock()
+					rotCount.Add(1)
 				}
-				mu.Lock()
-				rotAcks[name] = append(rotAcks[name], k.GetPrimaryVersion())
-				mu.Unlock()
+				inflight[name].Add(-1)
 			}
 		})
 	}
@@ -225,32 +249,69 @@ func TestHA(t *testing.T) {
 	}
 	t.Cleanup(endLoad)
 	progress := func(what string) {
-		phase("%s: acknowledged releases %s=%d %s=%d; failed %s=%s %s=%s; rotations failed %s",
-			what, a.name, ackCount[a.name].Load(), b.name, ackCount[b.name].Load(),
+		phase("%s: acknowledged releases %s=%d %s=%d, rotations %d; failed %s=%s %s=%s; rotations failed %s",
+			what, a.name, ackCount[a.name].Load(), b.name, ackCount[b.name].Load(), rotCount.Load(),
 			a.name, fails[a.name], b.name, fails[b.name], &rotFails)
 	}
+	// serving waits until, since the counts in from, each of nodes has
+	// acknowledged haPhaseAcks releases and the two nodes together at least
+	// the given number of rotations; it fails the test if they have not
+	// within 30s. It is how a phase asserts that service went on.
+	type counts struct {
+		acks map[string]int64
+		rots int64
+	}
+	snapshot := func() counts {
+		return counts{map[string]int64{a.name: ackCount[a.name].Load(), b.name: ackCount[b.name].Load()}, rotCount.Load()}
+	}
+	serving := func(what string, from counts, rotations int64, nodes ...string) {
+		t.Helper()
+		haWaitFor(t, 30*time.Second, what, func() error {
+			for _, n := range nodes {
+				if got := ackCount[n].Load() - from.acks[n]; got < haPhaseAcks {
+					return fmt.Errorf("node %s acknowledged %d releases, want %d", n, got, haPhaseAcks)
+				}
+			}
+			if got := rotCount.Load() - from.rots; got < rotations {
+				return fmt.Errorf("%d rotations acknowledged, want %d", got, rotations)
+			}
+			return nil
+		})
+		progress(what)
+	}
 
-	time.Sleep(2 * time.Second)
-	progress("load on a healthy cluster")
+	serving("load on a healthy cluster", snapshot(), 1, a.name, b.name)
 
+	// The etcd leader dies: no handover, its connections cut at once.
+	lead := cluster.Leader(t)
 	t0 := time.Now()
-	cluster.StopMember(0)
-	phase("etcd member 0 stopped (took %v)", time.Since(t0).Round(time.Millisecond))
-	time.Sleep(2 * time.Second)
-	progress("one etcd member down")
+	cluster.KillMember(lead)
+	phase("etcd member %d, the leader, killed (took %v)", lead, time.Since(t0).Round(time.Millisecond))
+	serving(fmt.Sprintf("both nodes release and rotate with etcd member %d killed", lead), snapshot(), 1, a.name, b.name)
+	phase("etcd member %d leads now", cluster.Leader(t))
 
 	b.kill(t)
 	phase("node %s SIGKILLed", b.name)
+	alone := snapshot()
 	// Whatever node B acknowledged was answered before it died, so it must
-	// already be in etcd: check that now, while B is dead. (An answer still
-	// being recorded by a worker is checked at the end with the rest.)
-	time.Sleep(300 * time.Millisecond)
+	// already be in etcd: check that now, while B is dead. Its calls under
+	// way at the kill end (failed) before inflight reaches zero, and
+	// later ones cannot succeed.
+	haWaitFor(t, 30*time.Second, "node "+b.name+"'s calls under way at its death to end", func() error {
+		if n := inflight[b.name].Load(); n > 0 {
+			return fmt.Errorf("%d still under way", n)
+		}
+		return nil
+	})
 	mu.Lock()
-	bAcks := map[uint32]int{}
+	var bWants []haWant
 	for _, k := range acks {
 		if k.node == b.name {
-			bAcks[k.version]++
+			bWants = append(bWants, haWant{"release", k.id, kms.AuditGenerateDataKey, k.version})
 		}
+	}
+	for _, id := range rotIDs[b.name] {
+		bWants = append(bWants, haWant{"rotation", id, "admin.RotateKeyring", 0})
 	}
 	mu.Unlock()
 	var raws [][]byte
@@ -259,31 +320,18 @@ func TestHA(t *testing.T) {
 		raws, _, err = haReadReplica(t, st, b, verifiers)
 		return err
 	})
-	counts := haCountEntries(t, b.name, raws)
-	for v, n := range bAcks {
-		if got := counts[haEntryKey{kms.AuditGenerateDataKey, audit.Allow, v}]; got < n {
-			t.Errorf("node %s (SIGKILLed) acknowledged %d releases under version %d; its replicated log holds %d", b.name, n, v, got)
-		}
-	}
-	phase("node %s's replica, read while it is dead: %d entries hold its %d acknowledged releases", b.name, len(raws), haSum(bAcks))
-	time.Sleep(time.Second)
-	progress("one etcd member and node B down")
+	haCheckAudited(t, b.name, ", read while it is dead,", raws, bWants)
+	phase("node %s's replica, read while it is dead: %d entries hold its %d acknowledged releases and rotations, each by request id",
+		b.name, len(raws), len(bWants))
+	serving(fmt.Sprintf("node %s releases alone, with etcd member %d killed", a.name, lead), alone, 0, a.name)
 
 	t0 = time.Now()
-	cluster.RestartMember(t, 0)
-	phase("etcd member 0 back (took %v)", time.Since(t0).Round(time.Millisecond))
-	before := ackCount[b.name].Load()
+	cluster.RestartMember(t, lead)
+	phase("etcd member %d back (took %v)", lead, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
 	b.start(t)
 	phase("node %s restarted (took %v)", b.name, time.Since(t0).Round(time.Millisecond))
-	haWaitFor(t, 30*time.Second, "releases through the restarted node B", func() error {
-		if ackCount[b.name].Load() > before {
-			return nil
-		}
-		return errors.New("none acknowledged yet")
-	})
-	phase("node %s releases again %v after its restart", b.name, time.Since(t0).Round(time.Millisecond))
-	time.Sleep(1500 * time.Millisecond)
+	serving("both nodes release after the restores", snapshot(), 0, a.name, b.name)
 	endLoad()
 	progress("load stopped")
 	for _, s := range bad {
@@ -298,7 +346,7 @@ func TestHA(t *testing.T) {
 
 	// Every acknowledged release decrypts through the other node to the key
 	// its client got.
-	decAcks := map[string]map[uint32]int{a.name: {}, b.name: {}}
+	wants := map[string][]haWant{}
 	seen := map[string]bool{}
 	for _, k := range acks {
 		if k.version < 1 || k.version > n {
@@ -308,6 +356,12 @@ func TestHA(t *testing.T) {
 			t.Errorf("a data key or envelope was handed out twice (%s)", k.node)
 		}
 		seen[string(k.key)], seen[string(k.env)] = true, true
+		wants[k.node] = append(wants[k.node], haWant{"release", k.id, kms.AuditGenerateDataKey, k.version})
+	}
+	for node, ids := range rotIDs {
+		for _, id := range ids {
+			wants[node] = append(wants[node], haWant{"rotation", id, "admin.RotateKeyring", 0})
+		}
 	}
 	t0 = time.Now()
 	jobs := make(chan haAck)
@@ -319,8 +373,10 @@ func TestHA(t *testing.T) {
 				via := other[k.node]
 				var got []byte
 				var err error
+				var id *string
 				for try := 0; try < 3; try++ {
 					c, cancel := context.WithTimeout(ctx, 20*time.Second)
+					c, id = haWithRequestID(c)
 					got, err = clients[via].Decrypt(c, k.env, k.ec)
 					cancel()
 					if status.Code(err) != codes.Unavailable {
@@ -335,7 +391,7 @@ func TestHA(t *testing.T) {
 				case !bytes.Equal(got, k.key):
 					t.Errorf("envelope acknowledged by %s (version %d) decrypts through %s to another key", k.node, k.version, via)
 				default:
-					decAcks[via][k.version]++
+					wants[via] = append(wants[via], haWant{"decryption", *id, kms.AuditDecrypt, k.version})
 				}
 				dmu.Unlock()
 			}
@@ -350,53 +406,31 @@ func TestHA(t *testing.T) {
 
 	// Every acknowledged release, decryption and rotation is in its node's
 	// replicated audit log, and that log verifies against its checkpoint.
-	genAcks := map[string]map[uint32]int{a.name: {}, b.name: {}}
-	for _, k := range acks {
-		genAcks[k.node][k.version]++
-	}
 	for _, node := range []*haNode{a, b} {
 		raws, _ := haWaitReplicaCheckpoint(t, st, node, verifiers)
-		counts := haCountEntries(t, node.name, raws)
-		for v, want := range genAcks[node.name] {
-			if got := counts[haEntryKey{kms.AuditGenerateDataKey, audit.Allow, v}]; got < want {
-				t.Errorf("node %s acknowledged %d releases under version %d; its replicated log holds %d", node.name, want, v, got)
-			}
-		}
-		for v, want := range decAcks[node.name] {
-			if got := counts[haEntryKey{kms.AuditDecrypt, audit.Allow, v}]; got < want {
-				t.Errorf("node %s acknowledged %d decryptions under version %d; its replicated log holds %d", node.name, want, v, got)
-			}
-		}
-		rot := 0
-		for k, c := range counts {
-			if k.op == "admin.RotateKeyring" && k.decision == audit.Allow {
-				rot += c
-			}
-		}
-		if rot < len(rotAcks[node.name]) {
-			t.Errorf("node %s acknowledged %d rotations; its replicated log holds %d", node.name, len(rotAcks[node.name]), rot)
-		}
-		phase("node %s: replicated log of %d entries verifies and holds its %d releases, %d decryptions, %d rotations",
-			node.name, len(raws), haSum(genAcks[node.name]), haSum(decAcks[node.name]), len(rotAcks[node.name]))
+		haCheckAudited(t, node.name, "", raws, wants[node.name])
+		phase("node %s: replicated log of %d entries verifies and holds its %d acknowledged releases, decryptions and rotations, each by request id",
+			node.name, len(raws), len(wants[node.name]))
 	}
 	if t.Failed() {
 		return
 	}
 
-	// Quorum loss: two members of three down.
+	// Quorum loss: two members of three killed, the leader among them.
+	lead = cluster.Leader(t)
+	lost := []int{lead, (lead + 1) % 3}
 	t0 = time.Now()
-	var swg sync.WaitGroup
-	swg.Go(func() { cluster.StopMember(1) })
-	cluster.StopMember(2)
-	swg.Wait()
-	phase("etcd members 1 and 2 stopped (took %v): no quorum", time.Since(t0).Round(time.Millisecond))
+	for _, i := range lost {
+		cluster.KillMember(i)
+	}
+	phase("etcd members %d (the leader) and %d killed (took %v): no quorum", lost[0], lost[1], time.Since(t0).Round(time.Millisecond))
 	const deadline = 10 * time.Second
 	type attempt struct {
 		what string
 		err  error
 		took time.Duration
 	}
-	results := make(chan attempt, 6)
+	results := make(chan attempt, 8)
 	var qwg sync.WaitGroup
 	try := func(what string, f func(context.Context) error) {
 		qwg.Go(func() {
@@ -406,6 +440,11 @@ func TestHA(t *testing.T) {
 			err := f(c)
 			results <- attempt{what, err, time.Since(t0)}
 		})
+	}
+	// An envelope each node released, to decrypt through the other.
+	envOf := map[string]haAck{}
+	for _, k := range acks {
+		envOf[k.node] = k
 	}
 	for name, adm := range map[string]coffrev1.AdminServiceClient{a.name: adminA, b.name: adminB} {
 		try("RotateKeyring through "+name, func(c context.Context) error {
@@ -420,6 +459,11 @@ func TestHA(t *testing.T) {
 			_, _, err := clients[name].GenerateDataKey(c, haKeyring, map[string]string{"outage": name})
 			return err
 		})
+		try("Decrypt through "+name, func(c context.Context) error {
+			k := envOf[other[name]]
+			_, err := clients[name].Decrypt(c, k.env, k.ec)
+			return err
+		})
 	}
 	qwg.Wait()
 	close(results)
@@ -432,25 +476,43 @@ func TestHA(t *testing.T) {
 	}
 
 	t0 = time.Now()
-	swg.Go(func() { cluster.RestartMember(t, 1) })
-	cluster.RestartMember(t, 2)
+	var swg sync.WaitGroup
+	swg.Go(func() { cluster.RestartMember(t, lost[0]) })
+	cluster.RestartMember(t, lost[1])
 	swg.Wait()
-	phase("etcd members 1 and 2 back (took %v)", time.Since(t0).Round(time.Millisecond))
+	phase("etcd members %d and %d back (took %v)", lost[0], lost[1], time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
 	var post []haAck
+	postWants := map[string][]haWant{}
 	for _, name := range []string{a.name, b.name} {
 		haWaitFor(t, 30*time.Second, "a release through "+name+" after quorum is back", func() error {
 			c, cancel := call()
 			defer cancel()
+			c, id := haWithRequestID(c)
 			ec := map[string]string{"after": name}
 			key, env, err := clients[name].GenerateDataKey(c, haKeyring, ec)
 			if err == nil {
-				post = append(post, haAck{node: name, ec: ec, env: env, key: key})
+				post = append(post, haAck{node: name, id: *id, ec: ec, env: env, key: key})
+				postWants[name] = append(postWants[name], haWant{"release", *id, kms.AuditGenerateDataKey, n})
+			}
+			return err
+		})
+		haWaitFor(t, 30*time.Second, "a decryption through "+name+" after quorum is back", func() error {
+			c, cancel := call()
+			defer cancel()
+			c, id := haWithRequestID(c)
+			k := envOf[other[name]]
+			got, err := clients[name].Decrypt(c, k.env, k.ec)
+			if err == nil {
+				if !bytes.Equal(got, k.key) {
+					t.Errorf("envelope acknowledged by %s decrypts through %s after the quorum loss to another key", k.node, name)
+				}
+				postWants[name] = append(postWants[name], haWant{"decryption", *id, kms.AuditDecrypt, k.version})
 			}
 			return err
 		})
 	}
-	phase("releases through both nodes work again %v after the members' restart", time.Since(t0).Round(time.Millisecond))
+	phase("releases and decryptions through both nodes work again %v after the members' restart", time.Since(t0).Round(time.Millisecond))
 	// The refused writes did nothing.
 	c, cancel = call()
 	defer cancel()
@@ -463,11 +525,15 @@ func TestHA(t *testing.T) {
 			t.Errorf("keyring created during the quorum loss through %s: GetKeyring = %v, want NotFound", name, err)
 		}
 	}
-	for _, adm := range []coffrev1.AdminServiceClient{adminA, adminB} {
+	for name, adm := range map[string]coffrev1.AdminServiceClient{a.name: adminA, b.name: adminB} {
 		haWaitFor(t, 30*time.Second, "a rotation after quorum is back", func() error {
 			c, cancel := call()
 			defer cancel()
-			_, err := adm.RotateKeyring(c, &coffrev1.RotateKeyringRequest{Id: haKeyring})
+			var md metadata.MD
+			_, err := adm.RotateKeyring(c, &coffrev1.RotateKeyringRequest{Id: haKeyring}, grpc.Header(&md))
+			if err == nil {
+				postWants[name] = append(postWants[name], haWant{"rotation", haRequestID(md), "admin.RotateKeyring", 0})
+			}
 			return err
 		})
 	}
@@ -499,9 +565,10 @@ func TestHA(t *testing.T) {
 	}
 
 	// Stopped cleanly, each node's local log verifies and is exactly what
-	// it replicated.
+	// it replicated, which holds what it acknowledged after the quorum loss.
 	for _, node := range []*haNode{a, b} {
-		_, remote := haWaitReplicaCheckpoint(t, st, node, verifiers)
+		raws, remote := haWaitReplicaCheckpoint(t, st, node, verifiers)
+		haCheckAudited(t, node.name, "", raws, postWants[node.name])
 		if err := node.stop(); err != nil {
 			t.Errorf("node %s after SIGTERM: %v, want exit status 0", node.name, err)
 		}
@@ -650,14 +717,6 @@ func haWaitFor(t *testing.T, d time.Duration, what string, f func() error) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-func haSum(m map[uint32]int) int {
-	n := 0
-	for _, v := range m {
-		n += v
-	}
-	return n
 }
 
 // TestHAKillDuringReplicationOutage: a node whose audit entry was written
