@@ -70,8 +70,32 @@ func (l *Log) catchUp() error {
 	return nil
 }
 
-// replicationTimeout bounds one Replicate or PublishCheckpoint call.
-var replicationTimeout = 5 * time.Second
+// replicationTimeout bounds one Replicate or PublishCheckpoint call;
+// a Replicate call is made of attempts of at most replicateAttempt.
+var (
+	replicationTimeout = 5 * time.Second
+	replicateAttempt   = time.Second
+)
+
+// replicateRange replicates entries from index first, trying again while
+// an attempt runs out of its time and replicationTimeout has not passed. A
+// write in flight to an etcd leader that dies waits for its own timeout,
+// although the remaining members elect a new leader within about a second:
+// a fresh attempt then succeeds, where one long wait would refuse every
+// append meanwhile. Retrying the same range is safe: a Replicator reports
+// success for a range it already holds (see [Replicator]).
+func (l *Log) replicateRange(first uint64, entries [][]byte) error {
+	deadline := time.Now().Add(replicationTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), min(time.Until(deadline), replicateAttempt))
+		err := l.opts.Replicator.Replicate(ctx, l.opts.Node, first, entries)
+		timedOut := ctx.Err() != nil
+		cancel()
+		if err == nil || !timedOut || !time.Now().Before(deadline) {
+			return err
+		}
+	}
+}
 
 // maxReplicateBytes bounds the canonical bytes passed to one Replicate
 // call (a single larger entry is passed alone), so that one call fits in
@@ -127,9 +151,7 @@ func (l *Log) replicateEntries(entries [][]byte) (int, error) {
 			size += len(entries[done+n])
 			n++
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), replicationTimeout)
-		err := l.opts.Replicator.Replicate(ctx, l.opts.Node, l.replicated, entries[done:done+n])
-		cancel()
+		err := l.replicateRange(l.replicated, entries[done:done+n])
 		if err != nil {
 			return done, fmt.Errorf("%w: replication: entries %d..%d: %w", ErrUnavailable, l.replicated, l.replicated+uint64(n)-1, err)
 		}

@@ -409,3 +409,45 @@ func (f *failingAfter) Replicate(ctx context.Context, node string, first uint64,
 	}
 	return f.sizedReplica.Replicate(ctx, node, first, entries)
 }
+
+// stallingReplica is a memReplica whose first Replicate call hangs until
+// its context ends, as a write in flight to an etcd leader that died does.
+type stallingReplica struct {
+	*memReplica
+	stalls int
+}
+
+func (r *stallingReplica) Replicate(ctx context.Context, node string, first uint64, entries [][]byte) error {
+	r.mu.Lock()
+	stall := r.stalls > 0
+	if stall {
+		r.stalls--
+	}
+	r.mu.Unlock()
+	if stall {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return r.memReplica.Replicate(ctx, node, first, entries)
+}
+
+// TestReplicationAttemptTimesOut: a replication attempt that hangs is
+// abandoned after replicateAttempt and tried again within
+// replicationTimeout, so the append is acknowledged once the store answers
+// again, rather than refused after one long wait.
+func TestReplicationAttemptTimesOut(t *testing.T) {
+	oldAttempt := replicateAttempt
+	replicateAttempt = 50 * time.Millisecond
+	defer func() { replicateAttempt = oldAttempt }()
+	rep := &stallingReplica{memReplica: newMemReplica(), stalls: 2}
+	opts := testOptions(t, t.TempDir())
+	opts.Replicator = rep
+	l := openTestLog(t, opts)
+	if _, err := l.Append(context.Background(), testEntry(1)); err != nil {
+		t.Fatalf("Append with two hung replication attempts: %v", err)
+	}
+	if err := l.Healthy(); err != nil {
+		t.Fatalf("Healthy: %v", err)
+	}
+	rep.check(t, l, 1)
+}
