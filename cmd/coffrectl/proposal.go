@@ -87,16 +87,19 @@ func gatedCall(ctx context.Context, e *env, op *coffrev1.Operation, result proto
 	}
 	defer closeConn()
 	req := &coffrev1.ProposeRequest{Operation: op, TtlSeconds: uint32(e.g.proposalTTL / time.Second)} // #nosec G115 -- bounded by the flag check
-	want, err := requestFor(op, e.g.cert, req.GetTtlSeconds())
-	if err != nil {
-		return err
-	}
+	// An operation the server's mapping refuses (a malformed policy, say)
+	// is still sent, so that the officer reads the server's own refusal;
+	// if the server took it anyway, nothing is signed.
+	want, wantErr := requestFor(op, e.g.cert, req.GetTtlSeconds())
 	parent := ctx // the fetch of an executed backup export times its own calls
 	ctx, cancel := context.WithTimeout(ctx, e.g.timeout)
 	defer cancel()
 	p, err := c.Propose(ctx, req)
 	if err != nil {
 		return rpcError(err)
+	}
+	if wantErr != nil {
+		return fmt.Errorf("%w; nothing was signed", wantErr)
 	}
 	if err := checkProposed(p, want); err != nil {
 		return err

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/coffre-kms/coffre/kms/quorum"
+	"github.com/coffre-kms/coffre/kms/server"
 	coffrev1 "github.com/coffre-kms/coffre/proto/coffre/v1"
 )
 
@@ -32,7 +32,7 @@ type requested struct {
 // requestFor returns what the server must put in a proposal of op made by
 // the holder of certFile, waiting ttlSeconds (0: the server's default).
 func requestFor(op *coffrev1.Operation, certFile string, ttlSeconds uint32) (requested, error) {
-	kind, args, err := operationContent(op)
+	kind, args, err := server.OperationContent(op)
 	if err != nil {
 		return requested{}, err
 	}
@@ -113,120 +113,4 @@ func clip(b []byte) string {
 		return string(b)
 	}
 	return string(b[:n]) + "…"
-}
-
-// The canonical arguments of each kind, as coffred writes them into a
-// proposal's content (field names and order matter: they are compared
-// byte for byte).
-type (
-	policyArgs struct {
-		Keyring        string            `json:"keyring"`
-		AllowedClasses []string          `json:"allowed_classes"`
-		RequiredLabels map[string]string `json:"required_labels"`
-		Release        string            `json:"release"`
-	}
-	ekRootArgs struct {
-		Certificate []byte `json:"certificate"`
-	}
-	pcrArg struct {
-		Index  uint32 `json:"index"`
-		SHA256 string `json:"sha256"`
-	}
-	classArgs struct {
-		Name            string   `json:"name"`
-		PCRs            []pcrArg `json:"pcrs"`
-		RequireEventLog bool     `json:"require_event_log"`
-	}
-	enrollArgs struct {
-		Name          string            `json:"name"`
-		Class         string            `json:"class"`
-		Labels        map[string]string `json:"labels"`
-		EKCertificate []byte            `json:"ek_certificate,omitempty"`
-		EKPublic      []byte            `json:"ek_public,omitempty"`
-	}
-	revokeArgs struct {
-		Name string `json:"name"`
-	}
-	destroyArgs struct {
-		Keyring string `json:"keyring"`
-		Version uint32 `json:"version"`
-		Days    int    `json:"days"`
-	}
-	rotateRootArgs  struct{}
-	destroyRootArgs struct {
-		RootID string `json:"root_id"`
-	}
-	exportArgs struct {
-		To string `json:"to"`
-	}
-)
-
-// operationContent returns the kind and arguments coffred puts in a
-// proposal of op. It follows the server's own mapping (operationArgs in
-// kms/server), which coffrectl cannot import without the server;
-// TestProposedContentMatchesServer holds the two together for every kind.
-// An operation it does not know is an error: coffrectl signs nothing it
-// cannot check.
-func operationContent(op *coffrev1.Operation) (string, any, error) {
-	switch o := op.GetOp().(type) {
-	case *coffrev1.Operation_SetKeyringPolicy:
-		p := o.SetKeyringPolicy.GetPolicy()
-		var release string
-		switch p.GetRelease() {
-		case coffrev1.Release_RELEASE_HPKE:
-			release = "hpke"
-		case coffrev1.Release_RELEASE_TPM:
-			release = "tpm"
-		default:
-			return "", nil, fmt.Errorf("release %v: want RELEASE_HPKE or RELEASE_TPM", p.GetRelease())
-		}
-		return "keyring.set_policy", policyArgs{Keyring: p.GetKeyring(), AllowedClasses: nonNil(p.GetAllowedClasses()),
-			RequiredLabels: nonNilMap(p.GetRequiredLabels()), Release: release}, nil
-	case *coffrev1.Operation_AddEkRoot:
-		return "ekroot.add", ekRootArgs{Certificate: o.AddEkRoot.GetCertificate()}, nil
-	case *coffrev1.Operation_SetNodeClass:
-		c := o.SetNodeClass.GetClass()
-		a := classArgs{Name: c.GetName(), RequireEventLog: c.GetRequireEventLog(), PCRs: []pcrArg{}}
-		for _, p := range c.GetPcrs() {
-			a.PCRs = append(a.PCRs, pcrArg{Index: p.GetIndex(), SHA256: hex.EncodeToString(p.GetSha256())})
-		}
-		return "class.set", a, nil
-	case *coffrev1.Operation_EnrollNode:
-		r := o.EnrollNode
-		return "node.enroll", enrollArgs{Name: r.GetName(), Class: r.GetClass(), Labels: nonNilMap(r.GetLabels()),
-			EKCertificate: r.GetEkCertificate(), EKPublic: r.GetEkPublic()}, nil
-	case *coffrev1.Operation_RevokeNode:
-		return "node.revoke", revokeArgs{Name: o.RevokeNode.GetName()}, nil
-	case *coffrev1.Operation_SetQuorum:
-		a := quorum.SetQuorumArgs{Threshold: int(o.SetQuorum.GetThreshold()), Admins: []quorum.AdminSpec{}}
-		for _, ad := range o.SetQuorum.GetAdmins() {
-			a.Admins = append(a.Admins, quorum.AdminSpec{Name: ad.GetName(), PublicKey: ad.GetPublicKey()})
-		}
-		return quorum.KindSetQuorum, a, nil
-	case *coffrev1.Operation_ScheduleKeyDestruction:
-		r := o.ScheduleKeyDestruction
-		return "keyring.schedule_destruction", destroyArgs{Keyring: r.GetKeyring(), Version: r.GetVersion(), Days: int(min(r.GetDays(), 1000))}, nil
-	case *coffrev1.Operation_RotateRoot:
-		return "root.rotate", rotateRootArgs{}, nil
-	case *coffrev1.Operation_DestroyRoot:
-		return "root.destroy", destroyRootArgs{RootID: o.DestroyRoot.GetRootId()}, nil
-	case *coffrev1.Operation_ExportBackup:
-		return "backup.export", exportArgs{To: o.ExportBackup.GetTo()}, nil
-	default:
-		return "", nil, fmt.Errorf("coffrectl cannot check a proposal of this operation (%T), so it does not propose it", op.GetOp())
-	}
-}
-
-func nonNil(s []string) []string {
-	if s == nil {
-		return []string{}
-	}
-	return s
-}
-
-func nonNilMap(m map[string]string) map[string]string {
-	if m == nil {
-		return map[string]string{}
-	}
-	return m
 }

@@ -271,8 +271,8 @@ func localEngine(t *testing.T, kinds ...string) *quorum.Engine {
 
 // everyKindAsCoffredWritesIt proposes every gated operation to the real
 // server directly and checks that coffrectl's reading of the operation
-// (operationContent) accepts what the server wrote: the two mappings
-// agree, byte for byte, for every kind the wire knows.
+// (requestFor) accepts what the server wrote, byte for byte, for every
+// kind the wire knows.
 func everyKindAsCoffredWritesIt(ctx context.Context, t *testing.T, c coffrev1.AdminServiceClient, certFile string) {
 	q, err := c.GetQuorum(ctx, &coffrev1.GetQuorumRequest{})
 	if err != nil {
@@ -349,7 +349,7 @@ func everyKindAsCoffredWritesIt(ctx context.Context, t *testing.T, c coffrev1.Ad
 	fields := (&coffrev1.Operation{}).ProtoReflect().Descriptor().Oneofs().ByName("op").Fields()
 	for i := range fields.Len() {
 		if name := string(fields.Get(i).Name()); !seen[name] {
-			t.Errorf("operation %s is not covered here: add it, and to operationContent", name)
+			t.Errorf("operation %s is not covered here: add it here", name)
 		}
 	}
 	// And the refusal of an operation coffrectl does not know.

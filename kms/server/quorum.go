@@ -267,9 +267,11 @@ func (a classArgs) class() (*kms.NodeClass, error) {
 	return c, nil
 }
 
-// operationArgs turns a wire Operation into its kind and canonical
-// arguments.
-func operationArgs(op *coffrev1.Operation) (string, any, error) {
+// OperationContent turns a wire Operation into the kind and arguments
+// that Propose puts in the proposal's content (canonicalised by
+// quorum.CanonicalArgs). coffrectl computes them the same way from the
+// operation it asked for, to check the server's answer before signing it.
+func OperationContent(op *coffrev1.Operation) (string, any, error) {
 	switch o := op.GetOp().(type) {
 	case *coffrev1.Operation_SetKeyringPolicy:
 		p, err := KeyringPolicyFromProto(o.SetKeyringPolicy.GetPolicy())
@@ -363,7 +365,7 @@ func (a *adminService) Propose(ctx context.Context, req *coffrev1.ProposeRequest
 	if err != nil {
 		return nil, a.s.fail(ctx, err)
 	}
-	kind, args, err := operationArgs(req.GetOperation())
+	kind, args, err := OperationContent(req.GetOperation())
 	if err != nil {
 		return nil, a.s.fail(ctx, err)
 	}
