@@ -30,6 +30,8 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
+
+	"github.com/coffre-kms/coffre/kms/internal/testpki"
 )
 
 // readyTimeout bounds the wait for a member to join its cluster.
@@ -42,7 +44,7 @@ type Cluster struct {
 	token   string
 	initial string
 	members []*member
-	pki     *testPKI // nil without Options.TLS
+	pki     *testpki.PKI // nil without Options.TLS
 }
 
 // Options tunes a cluster.
@@ -85,7 +87,7 @@ func StartClusterWith(t testing.TB, members int, opts Options) *Cluster {
 	base := t.TempDir()
 	clientScheme := "http"
 	if opts.TLS {
-		pki, err := newTestPKI(filepath.Join(base, "pki"))
+		pki, err := testpki.New(filepath.Join(base, "pki"), "etcdtest")
 		if err != nil {
 			t.Fatalf("etcdtest: %v", err)
 		}
@@ -160,9 +162,9 @@ func (c *Cluster) start(i int) error {
 	cfg.LogOutputs = []string{"stderr"}
 	cfg.Metrics = "basic"
 	if c.pki != nil {
-		cfg.ClientTLSInfo.CertFile = c.pki.serverCert
-		cfg.ClientTLSInfo.KeyFile = c.pki.serverKey
-		cfg.ClientTLSInfo.TrustedCAFile = c.pki.ca
+		cfg.ClientTLSInfo.CertFile = c.pki.ServerCert
+		cfg.ClientTLSInfo.KeyFile = c.pki.ServerKey
+		cfg.ClientTLSInfo.TrustedCAFile = c.pki.CA
 		cfg.ClientTLSInfo.ClientCertAuth = true
 	}
 	m.everLaunch = true
@@ -218,7 +220,7 @@ func (c *Cluster) ClientTLS() *tls.Config {
 	if c.pki == nil {
 		return nil
 	}
-	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: c.pki.pool, Certificates: []tls.Certificate{c.pki.client}}
+	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: c.pki.Pool, Certificates: []tls.Certificate{c.pki.Client}}
 }
 
 // TLSFiles returns the PEM files of a cluster started with Options.TLS:
@@ -228,7 +230,7 @@ func (c *Cluster) TLSFiles() (caFile, certFile, keyFile string) {
 	if c.pki == nil {
 		return "", "", ""
 	}
-	return c.pki.ca, c.pki.clientCert, c.pki.clientKey
+	return c.pki.CA, c.pki.ClientCert, c.pki.ClientKey
 }
 
 // Endpoint returns the client URL of member i.
