@@ -257,9 +257,7 @@ func failWritesForTest(t *testing.T, l *Log) (restore func()) {
 }
 
 func TestUnwritableLogRecovers(t *testing.T) {
-	old := probeInterval
-	probeInterval = 20 * time.Millisecond
-	defer func() { probeInterval = old }()
+	setForTest(t, &probeInterval, 20*time.Millisecond)
 
 	dir := t.TempDir()
 	l := openTestLog(t, testOptions(t, dir))
@@ -383,9 +381,7 @@ func waitHealthy(t *testing.T, l *Log, what string) {
 // made the log writable but before the probe has returned. That failure
 // must start a new probe, or the log refuses appends for good.
 func TestFailureDuringRecovery(t *testing.T) {
-	old := probeInterval
-	probeInterval = 20 * time.Millisecond
-	defer func() { probeInterval = old }()
+	setForTest(t, &probeInterval, 20*time.Millisecond)
 	dir := t.TempDir()
 	opts := testOptions(t, dir)
 	h := newHoldHandler("audit log writable again; appends resume")
@@ -423,9 +419,7 @@ func TestFailureDuringRecovery(t *testing.T) {
 // TestPartialBatchTruncated: a batch written but not synced (the fsync
 // failed) must not survive recovery, and the indexes are reused.
 func TestPartialBatchTruncated(t *testing.T) {
-	old := probeInterval
-	probeInterval = 20 * time.Millisecond
-	defer func() { probeInterval = old }()
+	setForTest(t, &probeInterval, 20*time.Millisecond)
 	dir := t.TempDir()
 	l := openTestLog(t, testOptions(t, dir))
 	appendN(t, l, 3)

@@ -62,6 +62,16 @@ func testOptions(t testing.TB, dir string) Options {
 	}
 }
 
+// setForTest sets a package variable (a probe interval, a chunk size) for
+// the test and restores it when the test ends, after the logs the test
+// opened afterwards are closed (cleanups run last first), so that no
+// goroutine of theirs reads it while it is restored.
+func setForTest[T any](t testing.TB, p *T, v T) {
+	old := *p
+	*p = v
+	t.Cleanup(func() { *p = old })
+}
+
 func openTestLog(t testing.TB, opts Options) *Log {
 	t.Helper()
 	l, err := Open(opts)

@@ -155,9 +155,7 @@ func TestReplicateConcurrent(t *testing.T) {
 }
 
 func TestReplicateFailureFailsClosedAndRecovers(t *testing.T) {
-	old := probeInterval
-	probeInterval = 20 * time.Millisecond
-	defer func() { probeInterval = old }()
+	setForTest(t, &probeInterval, 20*time.Millisecond)
 	rep := newMemReplica()
 	opts := testOptions(t, t.TempDir())
 	opts.Replicator = rep
@@ -251,9 +249,7 @@ func TestReplicateNilReplicatorUnchanged(t *testing.T) {
 // probe has cleared the failure but before it has returned. That failure
 // must start a new probe, or the log refuses appends for good.
 func TestReplicationFailureDuringRecovery(t *testing.T) {
-	old := probeInterval
-	probeInterval = 20 * time.Millisecond
-	defer func() { probeInterval = old }()
+	setForTest(t, &probeInterval, 20*time.Millisecond)
 	rep := newMemReplica()
 	opts := testOptions(t, t.TempDir())
 	opts.Replicator = rep
@@ -333,9 +329,8 @@ func (r *sizedReplica) Replicate(ctx context.Context, node string, first uint64,
 // once; a replica failing part-way leaves the rest to the probe, and new
 // entries follow the backlog in order.
 func TestReplicationCatchUpInChunks(t *testing.T) {
-	oldChunk, oldProbe := catchUpChunk, probeInterval
-	catchUpChunk, probeInterval = 7, 20*time.Millisecond
-	defer func() { catchUpChunk, probeInterval = oldChunk, oldProbe }()
+	setForTest(t, &catchUpChunk, 7)
+	setForTest(t, &probeInterval, 20*time.Millisecond)
 	dir := t.TempDir()
 	l, err := Open(testOptions(t, dir))
 	if err != nil {
@@ -436,9 +431,7 @@ func (r *stallingReplica) Replicate(ctx context.Context, node string, first uint
 // replicationTimeout, so the append is acknowledged once the store answers
 // again, rather than refused after one long wait.
 func TestReplicationAttemptTimesOut(t *testing.T) {
-	oldAttempt := replicateAttempt
-	replicateAttempt = 50 * time.Millisecond
-	defer func() { replicateAttempt = oldAttempt }()
+	setForTest(t, &replicateAttempt, 50*time.Millisecond)
 	rep := &stallingReplica{memReplica: newMemReplica(), stalls: 2}
 	opts := testOptions(t, t.TempDir())
 	opts.Replicator = rep
