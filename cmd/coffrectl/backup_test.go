@@ -37,6 +37,21 @@ func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
 // the command line: make the transfer key, receive a backup made for it,
 // inspect it, import it into a bbolt store (twice: the second is a no-op),
 // and refuse it under a wrong passphrase or an untrusted signer.
+// drTransferKey makes a DR site's transfer key with backup keygen in dir
+// (dr.key, dr.key.pub) and returns its path and its passphrase file's.
+func drTransferKey(t *testing.T, dir string) (key, pass string) {
+	t.Helper()
+	pass = filepath.Join(dir, "pass")
+	if err := os.WriteFile(pass, []byte("correct horse battery\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key = filepath.Join(dir, "dr.key")
+	if code, _, errOut := runCLI(t, "backup", "keygen", "--out", key, "--passphrase-file", pass); code != exitOK {
+		t.Fatalf("keygen: %s", errOut)
+	}
+	return key, pass
+}
+
 func TestBackupImportCLI(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
@@ -220,14 +235,7 @@ func TestBackupExportLarge(t *testing.T) {
 	}
 
 	dir := t.TempDir()
-	pass := filepath.Join(dir, "pass")
-	if err := os.WriteFile(pass, []byte("correct horse battery\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	key := filepath.Join(dir, "dr.key")
-	if code, _, errOut := runCLI(t, "backup", "keygen", "--out", key, "--passphrase-file", pass); code != exitOK {
-		t.Fatalf("keygen: %s", errOut)
-	}
+	key, pass := drTransferKey(t, dir)
 	out := filepath.Join(dir, "paris.backup")
 	code, stdout, stderr := runCLI(t, "backup", "export", "--to", key+".pub", "--out", out)
 	if code != exitOK || !strings.Contains(stdout, "wrote "+out) || !regexp.MustCompile(`sha256 +[0-9a-f]{64} \(checked\)`).MatchString(stdout) {
@@ -320,14 +328,7 @@ func TestFetchBackupResumes(t *testing.T) {
 		t.Setenv(k, v)
 	}
 	dir := t.TempDir()
-	pass := filepath.Join(dir, "pass")
-	if err := os.WriteFile(pass, []byte("correct horse battery\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	key := filepath.Join(dir, "dr.key")
-	if code, _, errOut := runCLI(t, "backup", "keygen", "--out", key, "--passphrase-file", pass); code != exitOK {
-		t.Fatalf("keygen: %s", errOut)
-	}
+	key, _ := drTransferKey(t, dir)
 	out := filepath.Join(dir, "first.backup")
 	code, stdout, stderr := runCLI(t, "backup", "export", "--to", key+".pub", "--out", out)
 	m := regexp.MustCompile(`proposal ([0-9a-f]{16}) executed`).FindStringSubmatch(stderr)
